@@ -1,0 +1,12 @@
+"""``MVTec``: the MVTec AD datamodule under its anomalib 1.x name.
+
+anomalib 2.x renamed ``MVTec`` to ``MVTecAD``; configs, papers and scripts still say
+``--data MVTec``. Registered under the entry-point group ``anomalib.data``, this subclass makes the
+old name work with anomalib's CLI unchanged. It behaves exactly like :class:`MVTecAD`.
+"""
+
+from anomalib.data import MVTecAD
+
+
+class MVTec(MVTecAD):
+    """MVTec AD datamodule (alias of :class:`anomalib.data.MVTecAD`; same arguments)."""

@@ -1,0 +1,80 @@
+"""Training-time corruption for the masked paradigm: Perlin anomalies plus masked patches.
+
+Images arrive normalized by the pre-processor. They are brought back to pixel space, corrupted
+there (anomalib's :class:`PerlinAnomalyGenerator` for the synthetic anomalies, random patches
+replaced by noise for the masking) and normalized again. Nothing here runs at inference.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+from torch import nn
+
+
+class Corruption(nn.Module):
+    """Corrupt a batch of normalized images; return the corrupted batch and a ``(B, 1, H, W)`` mask.
+
+    Args:
+        mean: Per-channel mean of the pre-processor's normalization (``None``: images in [0, 1]).
+        std: Per-channel std of the pre-processor's normalization.
+        anomaly_source_path: Optional folder of texture images (e.g. DTD) to fill the Perlin regions;
+            without it, anomalib's noise textures are used.
+        perlin_probability: Probability that an image gets a Perlin anomaly.
+        mask_probability: Probability that an image gets masked patches.
+        mask_ratio: Fraction of the patches masked in an image that gets masking.
+        mask_patch_size: Side of a masked patch, in pixels of the model input.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        anomaly_source_path: str | Path | None = None,
+        perlin_probability: float = 0.5,
+        mask_probability: float = 0.5,
+        mask_ratio: float = 0.1,
+        mask_patch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        for name, value in {"perlin_probability": perlin_probability, "mask_probability": mask_probability,
+                            "mask_ratio": mask_ratio}.items():
+            if not 0 <= value <= 1:
+                msg = f"{name} must lie in [0, 1], got {value}."
+                raise ValueError(msg)
+        if anomaly_source_path is not None and not Path(anomaly_source_path).is_dir():
+            msg = f"anomaly_source_path {anomaly_source_path} is not a folder of texture images."
+            raise FileNotFoundError(msg)
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0]).view(1, -1, 1, 1), persistent=False)
+        self.perlin = PerlinAnomalyGenerator(anomaly_source_path=anomaly_source_path, probability=perlin_probability)
+        if anomaly_source_path is not None and not self.perlin.anomaly_source_paths:
+            msg = f"anomaly_source_path {anomaly_source_path} contains no images."
+            raise FileNotFoundError(msg)
+        self.mask_probability = mask_probability
+        self.mask_ratio = mask_ratio
+        self.mask_patch_size = mask_patch_size
+
+    def mask_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace random square patches of some images by uniform noise."""
+        batch, _, height, width = images.shape
+        grid = (-(-height // self.mask_patch_size), -(-width // self.mask_patch_size))
+        chosen = torch.rand(batch, 1, 1, 1, device=images.device) < self.mask_probability
+        patches = (torch.rand(batch, 1, *grid, device=images.device) < self.mask_ratio) & chosen
+        mask = F.interpolate(patches.float(), scale_factor=self.mask_patch_size, mode="nearest")[..., :height, :width]
+        noise = torch.rand_like(images)
+        return images * (1 - mask) + noise * mask, mask
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Corrupt normalized ``images``; the mask is 1 where pixels changed."""
+        pixels = (images * self.std + self.mean).clamp(0, 1)
+        if pixels.shape[1] == 1:  # the Perlin textures are RGB
+            pixels = pixels.expand(-1, 3, -1, -1)
+        corrupted, perlin_mask = self.perlin(pixels)
+        corrupted, patch_mask = self.mask_patches(corrupted)
+        corrupted = corrupted[:, : images.shape[1]].clamp(0, 1)
+        mask = torch.maximum(perlin_mask.to(patch_mask.dtype), patch_mask)
+        return (corrupted - self.mean) / self.std, mask

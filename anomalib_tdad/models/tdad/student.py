@@ -1,0 +1,107 @@
+"""The student: a one-class bottleneck and a decoder generated from the teacher's ``feature_info``.
+
+As in reverse distillation (RD4AD), the student never sees the image. The bottleneck fuses the
+teacher's levels into one compact embedding at twice the coarsest stride; the decoder expands it
+back to every level with exactly the teacher's channels and spatial sizes. Nothing here depends
+on a backbone family, so any timm CNN with ``features_only`` gets a student.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution, batch norm and ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _resize(features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize, skipped when the size already matches."""
+    if tuple(features.shape[-2:]) == tuple(size):
+        return features
+    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class Bottleneck(nn.Module):
+    """Fuse the teacher's levels into one embedding at twice the coarsest stride.
+
+    Args:
+        channels: Teacher channels per level, finest first.
+        reductions: Teacher strides per level, finest first.
+        embedding_dim: Channels of the embedding.
+    """
+
+    def __init__(self, channels: Sequence[int], reductions: Sequence[int], embedding_dim: int) -> None:
+        super().__init__()
+        coarsest, width = max(reductions), channels[-1]
+        self.branches = nn.ModuleList()
+        for in_channels, reduction in zip(channels, reductions, strict=True):
+            steps = max(0, round(math.log2(coarsest / reduction)))
+            layers = [conv_bn_relu(in_channels if i == 0 else width, width, stride=2) for i in range(steps)]
+            self.branches.append(nn.Sequential(*layers) if layers else conv_bn_relu(in_channels, width))
+        self.fuse = nn.Sequential(
+            conv_bn_relu(width * len(channels), embedding_dim, stride=2),
+            conv_bn_relu(embedding_dim, embedding_dim),
+        )
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Embed the teacher features (finest first)."""
+        size = features[-1].shape[-2:]
+        branches = [_resize(branch(f), size) for branch, f in zip(self.branches, features, strict=True)]
+        return self.fuse(torch.cat(branches, dim=1))
+
+
+class Decoder(nn.Module):
+    """Expand the embedding back to each teacher level, coarsest first, without skip connections.
+
+    Args:
+        embedding_dim: Channels of the embedding.
+        channels: Teacher channels per level, finest first; each head outputs exactly these.
+        min_width: Smallest number of channels inside a decoder stage.
+    """
+
+    def __init__(self, embedding_dim: int, channels: Sequence[int], min_width: int = 64) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        in_channels = embedding_dim
+        for out_channels in reversed(channels):
+            width = max(out_channels, min_width)
+            self.stages.append(nn.Sequential(conv_bn_relu(in_channels, width), conv_bn_relu(width, width)))
+            self.heads.append(nn.Conv2d(width, out_channels, kernel_size=1))
+            in_channels = width
+
+    def forward(self, embedding: torch.Tensor, sizes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Decode to the teacher's spatial ``sizes`` (finest first); returns features finest first."""
+        outputs = []
+        hidden = embedding
+        for stage, head, size in zip(self.stages, self.heads, reversed(sizes), strict=True):
+            hidden = stage(_resize(hidden, size))
+            outputs.append(head(hidden))
+        return outputs[::-1]
+
+
+class Student(nn.Module):
+    """Bottleneck and decoder for a teacher with the given per-level channels and strides."""
+
+    def __init__(self, channels: Sequence[int], reductions: Sequence[int], embedding_dim: int | None = None) -> None:
+        super().__init__()
+        if len(channels) != len(reductions) or not channels:
+            msg = f"Need one stride per level, got channels={list(channels)} and reductions={list(reductions)}."
+            raise ValueError(msg)
+        embedding_dim = embedding_dim or max(256, 2 * channels[-1])
+        self.bottleneck = Bottleneck(channels, reductions, embedding_dim)
+        self.decoder = Decoder(embedding_dim, channels)
+
+    def forward(self, teacher_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Reconstruct the teacher features (finest first) from their compact embedding."""
+        sizes = [f.shape[-2:] for f in teacher_features]
+        return self.decoder(self.bottleneck(teacher_features), sizes)

@@ -5,7 +5,8 @@ anomalib 2.7 reads no entry points. Its CLI resolves ``--model Tdad`` among impo
 configs with a bare ``class_path`` among attributes of :mod:`anomalib.models`. Loading every
 plugin registered under the group ``anomalib.models`` (or ``anomalib.data``) and binding it as an
 attribute of that module satisfies all three. The start-up hook calls these functions right after
-anomalib imports the module; calling them again is harmless.
+anomalib imports the module; calling them again is harmless. A plugin module whose own import is
+what pulled in anomalib is skipped then, and calls :func:`register_models` itself when complete.
 """
 
 import logging
@@ -27,11 +28,19 @@ def _register(group: str) -> list[str]:
         if existing is not None and getattr(existing, "__module__", "").startswith("anomalib."):
             logger.warning("Plugin %s not registered: anomalib already has %s.", entry_point.value, entry_point.name)
             continue
-        try:
-            plugin = entry_point.load()
-        except Exception:
-            logger.exception("Could not load the anomalib plugin %s = %s", entry_point.name, entry_point.value)
-            continue
+        module = sys.modules.get(entry_point.module)
+        if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+            # The plugin's own import pulled in anomalib: bind it if it is defined already,
+            # otherwise it calls this function itself once its module is complete.
+            plugin = getattr(module, entry_point.attr, None)
+            if plugin is None:
+                continue
+        else:
+            try:
+                plugin = entry_point.load()
+            except Exception:
+                logger.exception("Could not load the anomalib plugin %s = %s", entry_point.name, entry_point.value)
+                continue
         setattr(namespace, entry_point.name, plugin)
         exported = getattr(namespace, "__all__", None)
         if isinstance(exported, list) and entry_point.name not in exported:

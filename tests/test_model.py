@@ -1,0 +1,112 @@
+"""The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
+
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+
+from anomalib_tdad import Tdad
+from anomalib_tdad.models.tdad.torch_model import TdadModel
+
+BACKBONES = {
+    "wide_resnet50_2": ("layer1", "layer2", "layer3"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+    "tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4"),
+    "mobilenetv2_100": ("blocks.1", "blocks.2", "blocks.4"),
+    "convnext_atto": ("stages.0", "stages.1", "stages.2"),
+}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_builds_and_maps_have_the_input_size(backbone: str) -> None:
+    model = TdadModel(backbone, BACKBONES[backbone], pre_trained=False)
+    images = torch.randn(2, 3, 96, 128)  # non-square, not a multiple of 32 in one side
+    model.train()
+    teacher, student = model(images)
+    assert [s.shape for s in student] == [t.shape for t in teacher]
+    model.eval()
+    with torch.no_grad():
+        output = model(images)
+    assert isinstance(output, InferenceBatch)
+    assert output.anomaly_map.shape == (2, 1, 96, 128)
+    assert output.pred_score.shape == (2,)
+    assert torch.allclose(output.pred_score, output.anomaly_map.flatten(1).amax(1))
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
+    model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False)
+    model.train()
+    assert not model.teacher.training and model.student.training
+    teacher, student = model(torch.randn(2, 3, 64, 64))
+    sum(s.mean() for s in student).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student.parameters())
+    assert not any(t.requires_grad for t in teacher)
+
+
+def test_topk_score_is_between_mean_and_max() -> None:
+    model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, score_topk=0.05).eval()
+    with torch.no_grad():
+        output = model(torch.randn(2, 3, 64, 64))
+    flat = output.anomaly_map.flatten(1)
+    assert torch.all(output.pred_score <= flat.amax(1)) and torch.all(output.pred_score >= flat.mean(1))
+    assert torch.all(output.pred_score < flat.amax(1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backbone": "no_such_net"}, "Unknown timm backbone"),
+        ({"backbone": "resnet18", "layers": ("layer1", "layer9")}, "choose two or more of"),
+        ({"backbone": "resnet18", "layers": ("layer3", "layer1", "layer2")}, "increasing stride"),
+        ({"backbone": "resnet18", "score_topk": 1.5}, "score_topk"),
+    ],
+)
+def test_bad_model_arguments_get_clear_errors(kwargs: dict, message: str) -> None:
+    kwargs.setdefault("layers", ("layer1", "layer2", "layer3"))
+    with pytest.raises(ValueError, match=message):
+        TdadModel(pre_trained=False, **kwargs)
+
+
+def test_training_steps_reduce_the_loss() -> None:
+    torch.manual_seed(0)
+    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False)
+    model.model.train()
+    images = torch.randn(4, 3, 64, 64)
+    optimizer = model.configure_optimizers()
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(1)  # the same corruption every step: only the student changes
+        loss, terms = model.compute_loss(images)
+        assert set(terms) == {"gkd", "scd", "dmd"}
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_plain_reverse_distillation_skips_the_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_scd=0, lambda_dmd=0)
+    monkeypatch.setattr(model.corruption, "forward", lambda *_: pytest.fail("corruption ran"))
+    model.model.train()
+    _, terms = model.compute_loss(torch.randn(2, 3, 64, 64))
+    assert set(terms) == {"gkd"}
+
+
+def test_corruption_changes_pixels_only_inside_its_mask() -> None:
+    torch.manual_seed(0)
+    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False,
+                 perlin_probability=1.0, mask_probability=1.0)
+    images = (torch.rand(4, 3, 64, 64) - model.corruption.mean) / model.corruption.std
+    corrupted, mask = model.corruption(images)
+    assert mask.shape == (4, 1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(mask.flatten(1).sum(1) > 0)
+    outside = (mask == 0).expand_as(images)
+    assert torch.allclose(corrupted[outside], images[outside], atol=1e-5)
+    assert (corrupted - images).abs()[~outside].mean() > 0.05
+
+
+def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
+    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_dmd=0.0, margin=0.3)
+    assert model.hparams["lambda_dmd"] == 0.0 and model.hparams["margin"] == 0.3
+    assert model.hparams["backbone"] == "resnet18"

@@ -1,0 +1,579 @@
+"""Code shared by the benchmark scripts: models on one teacher, data, train+test jobs, reports, plots.
+
+Everything here reuses anomalib (``Engine``, ``MVTecAD``, ``Evaluator``, ``AUROC``, ``AUPRO``, the models);
+the scripts only decide which jobs to run and how to report them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore")  # before anomalib's imports, which warn about optional components
+
+from anomalib.callbacks import ModelCheckpoint
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.metrics import AUPRO, AUROC, Evaluator
+from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
+from anomalib.post_processing import PostProcessor
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.trainer.states import TrainerFn
+from tqdm.auto import tqdm
+
+from anomalib_tdad import Tdad
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = REPO.parent / "shared" / "data"
+DEFAULT_CATEGORY = "magnetic_tile"
+
+TEACHER = "tf_efficientnet_lite0"
+TEACHER_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16: TDAD's default teacher levels
+PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # strides 8 and 16, as PatchCore's layer2 + layer3
+PADIM_FEATURES = 100  # of the 176 teacher channels (PaDiM keeps 100 of resnet18's 448)
+
+RD_LABEL = "RD (TDAD λs=λd=0, same teacher)"
+RD_NOTE = (
+    f"*{RD_LABEL}* is TDAD with λ_SCD = λ_DMD = 0, plain reverse distillation on the same teacher: it stands "
+    "in for anomalib's `ReverseDistillation`, whose decoder exists only for ResNet backbones."
+)
+LABELS = {"tdad": "TDAD", "rd": RD_LABEL, "patchcore": "PatchCore", "stfpm": "STFPM", "padim": "PaDiM"}
+CLASS_LABELS = {"Patchcore": "PatchCore", "Stfpm": "STFPM", "Padim": "PaDiM"}
+MEMORY_BANK = {"patchcore", "padim"}  # one fitting epoch, no gradient training
+METRICS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AUPRO": "PRO"}
+METRICS_NOTE = (
+    "PRO is anomalib's AUPRO (FPR limit 0.3). Scores and maps are min-max scaled over the validation set "
+    "(= the test set) before the metrics, not centred on the threshold and clamped as anomalib does by "
+    "default: that clamp ties scores and shifts AUROC."
+)
+
+
+def quiet() -> None:
+    """Silence the warnings and info lines anomalib and Lightning print for every run."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    packages = {"lightning", "lightning_fabric", "pytorch_lightning", "anomalib", "timm", "onnxscript"}
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] in packages]
+    for name in {*packages, *names}:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def make_evaluator() -> Evaluator:
+    """Test metrics of every benchmark: image AUROC, pixel AUROC and PRO (anomalib's AUPRO, FPR limit 0.3)."""
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ],
+    )
+
+
+class MinMaxPostProcessor(PostProcessor):
+    """anomalib's post-processor with plain min-max scaling of scores and maps.
+
+    anomalib 2.7 maps ``x`` to ``(x - threshold) / (max - min) + 0.5`` clamped to [0, 1]: with the threshold
+    off-centre, every score more than half a range from it becomes 0 or 1, the ties change AUROC (measured:
+    PatchCore image AUROC 0.714 instead of its raw 0.722). Scaling to ``(x - min) / (max - min)`` keeps the
+    order, stays in [0, 1] (so torchmetrics applies no sigmoid) and moves the threshold along with it.
+    """
+
+    @staticmethod
+    def _normalize(
+        preds: torch.Tensor | None, norm_min: torch.Tensor, norm_max: torch.Tensor, threshold: torch.Tensor
+    ) -> torch.Tensor | None:
+        del threshold
+        if preds is None:
+            return None
+        value_range = norm_max - norm_min
+        scaled = ((preds - norm_min) / torch.where(value_range > 0, value_range, torch.ones_like(value_range))).clamp(
+            0, 1
+        )
+        return torch.where(torch.isnan(norm_min) | torch.isnan(norm_max), preds, scaled)
+
+    @property
+    def normalized_image_threshold(self) -> torch.Tensor:
+        """The image threshold on the min-max scale."""
+        return self._normalize(self.image_threshold, self.image_min, self.image_max, self.image_threshold)
+
+    @property
+    def normalized_pixel_threshold(self) -> torch.Tensor:
+        """The pixel threshold on the min-max scale."""
+        return self._normalize(self.pixel_threshold, self.pixel_min, self.pixel_max, self.pixel_threshold)
+
+
+def build_model(
+    kind: str, image_size: int, coreset_ratio: float = 0.001, tdad_args: dict[str, Any] | None = None
+) -> AnomalibModule:
+    """One of ``LABELS``' models on the Lite0 teacher at ``image_size``, with the benchmark metrics.
+
+    ``rd`` is TDAD with ``lambda_scd = lambda_dmd = 0``: plain reverse distillation on the same teacher
+    (anomalib's ``ReverseDistillation`` has decoders for ResNets only). ``tdad_args`` go to both.
+    """
+    teacher = {"backbone": TEACHER, "layers": TEACHER_LAYERS}
+    models: dict[str, tuple[type[AnomalibModule], dict[str, Any]]] = {
+        "tdad": (Tdad, {**teacher, **(tdad_args or {})}),
+        "rd": (Tdad, {**teacher, **(tdad_args or {}), "lambda_scd": 0.0, "lambda_dmd": 0.0}),
+        "patchcore": (
+            Patchcore,
+            {"backbone": TEACHER, "layers": PATCHCORE_LAYERS, "coreset_sampling_ratio": coreset_ratio},
+        ),
+        "stfpm": (Stfpm, teacher),
+        "padim": (Padim, {**teacher, "n_features": PADIM_FEATURES}),
+    }
+    if kind not in models:
+        msg = f"Unknown model {kind!r}; choose from {sorted(models)}."
+        raise ValueError(msg)
+    cls, kwargs = models[kind]
+    return cls(
+        **kwargs,
+        pre_processor=cls.configure_pre_processor(image_size=(image_size, image_size)),
+        post_processor=MinMaxPostProcessor(),
+        evaluator=make_evaluator(),
+        visualizer=False,
+    )
+
+
+def model_label(class_path: str, init_args: dict[str, Any]) -> str:
+    """Table label of a benchmark-config model (``class_path`` and its ``init_args``)."""
+    name = class_path.rsplit(".", 1)[-1]
+    if name == "Tdad":
+        plain = float(init_args.get("lambda_scd", 1.0)) == 0 and float(init_args.get("lambda_dmd", 1.0)) == 0
+        return RD_LABEL if plain else "TDAD"
+    return CLASS_LABELS.get(name, name)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Which images a benchmark uses; the limits pick a fixed random subset (0: all)."""
+
+    root: Path
+    category: str
+    batch_size: int = 8
+    num_workers: int = 0
+    train_limit: int = 0
+    test_limit: int = 0
+
+
+def _per_label_subset(labels: np.ndarray, limit: int, rng: np.random.Generator) -> list[int]:
+    """About ``limit`` indices, drawn per label in proportion to its share, at least one of each label."""
+    chosen: list[int] = []
+    for label in np.unique(labels):
+        indices = np.flatnonzero(labels == label)
+        count = max(1, round(limit * len(indices) / len(labels)))
+        chosen += rng.choice(indices, size=min(count, len(indices)), replace=False).tolist()
+    return sorted(chosen)
+
+
+def make_datamodule(data: DataConfig) -> MVTecAD:
+    """anomalib's ``MVTecAD`` on ``root/category``, set up, cut to the limits.
+
+    The test set doubles as validation set (anomalib's default); validation only fits the post-processor's
+    threshold and scaling.
+    """
+    folder = Path(data.root) / data.category
+    if not (folder / "train").is_dir():
+        msg = f"No MVTec AD layout dataset at {folder} (expected train/good, test/, ground_truth/ in it)."
+        raise FileNotFoundError(msg)
+    datamodule = MVTecAD(
+        root=data.root,
+        category=data.category,
+        train_batch_size=data.batch_size,
+        eval_batch_size=data.batch_size,
+        num_workers=data.num_workers,
+    )
+    datamodule.setup(TrainerFn.FITTING)  # marks it set up, so the trainer keeps the subsets made below
+    rng = np.random.default_rng(0)  # the same images for every model and seed
+    if 0 < data.train_limit < len(datamodule.train_data):
+        indices = rng.choice(len(datamodule.train_data), data.train_limit, replace=False)
+        datamodule.train_data = datamodule.train_data.subsample(sorted(indices.tolist()))
+    if 0 < data.test_limit < len(datamodule.test_data):
+        labels = datamodule.test_data.samples.label_index.to_numpy()
+        datamodule.test_data = datamodule.test_data.subsample(_per_label_subset(labels, data.test_limit, rng))
+        datamodule.val_data = datamodule.test_data.subsample(range(len(datamodule.test_data)))
+    return datamodule
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    """Train and test one model with one seed."""
+
+    label: str
+    seed: int
+    epochs: int
+    build: Callable[[], AnomalibModule]
+
+
+class _EpochCallback(Callback):
+    """Calls ``on_epoch`` after every training epoch (drives the progress bar)."""
+
+    def __init__(self, on_epoch: Callable[[], None]) -> None:
+        self.on_epoch = on_epoch
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        del trainer, pl_module
+        self.on_epoch()
+
+
+def run_job(
+    job: Job, data: DataConfig, workdir: Path, accelerator: str = "auto", on_epoch: Callable[[], None] = lambda: None
+) -> tuple[dict[str, Any], AnomalibModule]:
+    """Fit and test ``job`` with anomalib's Engine in ``workdir``; returns its result row and the trained model.
+
+    Validation runs once, after the last epoch. No checkpoint is written.
+    """
+    seed_everything(job.seed, workers=True)
+    model = job.build()
+    datamodule = make_datamodule(data)
+    engine = Engine(
+        max_epochs=job.epochs,
+        check_val_every_n_epoch=job.epochs,
+        accelerator=accelerator,
+        devices=1,
+        default_root_dir=workdir,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(save_top_k=0, save_last=False), _EpochCallback(on_epoch)],
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    fitted = time.perf_counter()
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    row = {
+        "model": job.label,
+        "seed": job.seed,
+        "epochs": job.epochs,
+        "train_images": len(datamodule.train_data),
+        "test_images": len(datamodule.test_data),
+        **{label: float(metrics[key]) for key, label in METRICS.items()},
+        "fit_s": round(fitted - start, 1),
+        "test_s": round(time.perf_counter() - fitted, 1),
+        "error": "",
+    }
+    return row, model
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    data: DataConfig,
+    output: Path,
+    accelerator: str = "auto",
+    keep: Callable[[Job, AnomalibModule], None] | None = None,
+) -> pd.DataFrame:
+    """Run ``jobs`` in order under one progress bar; ``output/results.csv`` is rewritten after each job.
+
+    A job that raises becomes a row with NaN metrics and its error, and the others still run.
+    ``keep(job, model)`` sees each trained model before it is freed.
+    """
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=sum(job.epochs + 1 for job in jobs), desc="benchmark", unit="step", dynamic_ncols=True) as bar:
+        for job in jobs:
+            bar.set_postfix_str(f"{job.label}, seed {job.seed}")
+            done = bar.n
+            try:
+                with tempfile.TemporaryDirectory() as workdir:
+                    row, model = run_job(job, data, Path(workdir), accelerator, on_epoch=lambda: bar.update(1))
+                if keep is not None:
+                    keep(job, model)
+                del model
+            except Exception as error:  # noqa: BLE001 - one failed job must not lose hours of others
+                traceback.print_exc()
+                row = {"model": job.label, "seed": job.seed, "epochs": job.epochs, "error": repr(error)[:300]}
+            gc.collect()
+            bar.update(done + job.epochs + 1 - bar.n)  # the test step, or what a failed job left
+            rows.append(row)
+            pd.DataFrame(rows).to_csv(output / "results.csv", index=False)
+    columns = ["model", "seed", "epochs", "train_images", "test_images", *METRICS.values(), "fit_s", "test_s", "error"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+# ------------------------------------------------------------------------------------------- arguments
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Options the train+test scripts share (use with ``ArgumentDefaultsHelpFormatter``)."""
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="dataset root in MVTec AD layout")
+    parser.add_argument("--category", default=DEFAULT_CATEGORY, help="category folder under --root")
+    parser.add_argument("--image-size", type=int, default=256, help="square input size of every model")
+    parser.add_argument("--batch-size", type=int, default=8, help="train and eval batch size")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per model and seed")
+    parser.add_argument(
+        "--max-epochs",
+        nargs="+",
+        default=["10"],
+        metavar="[NAME=]N",
+        help="training epochs: N for every trained model, NAME=N for one (e.g. 10 stfpm=20)",
+    )
+    parser.add_argument("--train-limit", type=int, default=0, help="train on this many random training images (0: all)")
+    parser.add_argument(
+        "--test-limit", type=int, default=0, help="test on about this many test images, both labels kept (0: all)"
+    )
+    parser.add_argument(
+        "--tdad-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Tdad argument, value read as YAML (repeatable), e.g. score_topk=0.01",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all cores)"
+    )
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-<script>)"
+    )
+
+
+def parse_epochs(values: Sequence[str]) -> Callable[[str], int]:
+    """``["10", "stfpm=20"]`` -> function giving each model key its epochs (1 for memory-bank models)."""
+    default, specific = 10, {}
+    for value in values:
+        name, _, number = value.rpartition("=")
+        if name:
+            specific[name.lower()] = int(number)
+        else:
+            default = int(number)
+    return lambda key: 1 if key in MEMORY_BANK else specific.get(key.lower(), default)
+
+
+def parse_key_values(values: Sequence[str]) -> dict[str, Any]:
+    """``["margin=0.3", "score_topk=0.01"]`` -> dict, values read as YAML."""
+    import yaml
+
+    pairs = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep:
+            msg = f"Expected KEY=VALUE, got {value!r}."
+            raise ValueError(msg)
+        pairs[key.strip()] = yaml.safe_load(text)
+    return pairs
+
+
+def setup_run(args: argparse.Namespace, script: str) -> Path:
+    """Apply ``--threads``, quiet the libraries, create and return the output folder."""
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = args.output or REPO / "results" / "benchmarks" / f"{datetime.now():%Y%m%d-%H%M%S}-{script}"
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def device_info() -> str:
+    """The machine in words: GPU or CPU model, cores and torch threads."""
+    threads = f"torch threads {torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}, {threads}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu} ({os.cpu_count()} logical cores), {threads}"
+
+
+def git_commit() -> str:
+    """Short commit of the repository, with ``+dirty`` when tracked files were changed."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def run_info() -> dict[str, str]:
+    """Command line, date, commit, device and library versions, for the head of every report."""
+    import anomalib
+    import timm
+
+    return {
+        "Command": "`python " + shlex.join(sys.argv) + "`",
+        "Date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "Git commit": git_commit(),
+        "Device": device_info(),
+        "Versions": f"torch {torch.__version__}, anomalib {anomalib.__version__}, timm {timm.__version__}",
+    }
+
+
+def data_note(args: argparse.Namespace, results: pd.DataFrame) -> str:
+    """One sentence on the data a train+test run used."""
+    train, test = (int(results[c].max()) if results[c].notna().any() else 0 for c in ("train_images", "test_images"))
+    size = f"{args.image_size}×{args.image_size}"
+    return f"Dataset `{args.root / args.category}`: {train} training and {test} test images, at {size} px."
+
+
+def summarize(results: pd.DataFrame, columns: Sequence[str], by: str = "model") -> pd.DataFrame:
+    """Mean and sample std over seeds of ``columns`` per ``by`` value, in order of first appearance."""
+    grouped = results.groupby(by, sort=False)[list(columns)]
+    summary = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
+    summary.insert(0, "runs", grouped.count().min(axis=1))
+    return summary.reset_index()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_std(mean: float, std: float, digits: int = 3) -> str:
+    """``0.912 ± 0.004``; just the mean for one run, ``—`` for none."""
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_table(summary: pd.DataFrame, columns: Sequence[str], by: str = "model", extra: Sequence[str] = ()) -> str:
+    """Markdown table of ``summarize``'s output: ``mean ± std`` of ``columns``, the mean of ``extra``."""
+    rows = [
+        [
+            row[by],
+            int(row["runs"]),
+            *(mean_std(row[f"{c}_mean"], row[f"{c}_std"]) for c in columns),
+            *(mean_std(row[f"{c}_mean"], math.nan, digits=0) for c in extra),
+        ]
+        for _, row in summary.iterrows()
+    ]
+    return markdown_table([by, "runs", *columns, *(f"{c} (mean)" for c in extra)], rows)
+
+
+def failures(results: pd.DataFrame, by: str = "model") -> str:
+    """Markdown list of the failed runs, or ``""``."""
+    failed = results[results.error.fillna("") != ""]
+    if not len(failed):
+        return ""
+    return "**Failed runs:**\n\n" + markdown_table([by, "seed", "error"], failed[[by, "seed", "error"]].to_numpy())
+
+
+def write_report(path: Path, title: str, sections: Sequence[str]) -> None:
+    """Write a Markdown report: title, run information, then ``sections``."""
+    info = "\n".join(f"- **{key}:** {value}" for key, value in run_info().items())
+    path.write_text(f"# {title}\n\n{info}\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_plot(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str, by: str = "model") -> None:
+    """Grouped bars: one group per metric, one bar per model, error bars = std over seeds."""
+    plt = _pyplot()
+    width = 0.8 / max(1, len(summary))
+    fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(columns), 4))
+    for index, (_, row) in enumerate(summary.iterrows()):
+        positions = np.arange(len(columns)) + (index - (len(summary) - 1) / 2) * width
+        means = [row[f"{c}_mean"] for c in columns]
+        errors = [0 if math.isnan(row[f"{c}_std"]) else row[f"{c}_std"] for c in columns]
+        ax.bar(positions, means, width, yerr=errors, capsize=3, label=row[by])
+    ax.set_xticks(np.arange(len(columns)), columns)
+    lowest = np.nanmin(summary[[f"{c}_mean" for c in columns]].to_numpy(dtype=float), initial=1.0)
+    ax.set_ylim(max(0.0, lowest - 0.1), 1.0)
+    ax.set_title(title)
+    ax.legend(
+        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(summary)), frameon=False
+    )
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def defect_examples(datamodule: MVTecAD, count: int, image_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``count`` defective test images, one defect type after another: names, images, masks at ``image_size``."""
+    samples = datamodule.test_data.samples
+    by_type = [list(group.index) for _, group in samples[samples.label_index == 1].groupby("label", sort=True)]
+    longest = max(map(len, by_type), default=0)
+    picked = [group[i] for i in range(longest) for group in by_type if i < len(group)][:count]
+    size = (image_size, image_size)
+    names, images, masks = [], [], []
+    for index in picked:
+        item = datamodule.test_data[index]
+        names.append(f"{samples.label[index]}/{Path(samples.image_path[index]).stem}")
+        images.append(F.interpolate(item.image[None], size=size, mode="bilinear", align_corners=False)[0])
+        masks.append(F.interpolate(item.gt_mask[None, None].float(), size=size, mode="nearest")[0, 0])
+    return names, torch.stack(images), torch.stack(masks)
+
+
+@torch.no_grad()
+def predict_maps(model: AnomalibModule, images: torch.Tensor) -> np.ndarray:
+    """Post-processed anomaly maps of ``images`` (min-max scaled over the test set), ``(N, H, W)``."""
+    model.eval()
+    device = next(model.parameters()).device
+    return model(images.to(device)).anomaly_map.squeeze(1).float().cpu().numpy()
+
+
+def heatmap_sheet(
+    names: Sequence[str], images: torch.Tensor, masks: torch.Tensor, maps: dict[str, np.ndarray], path: Path
+) -> None:
+    """One row per image: image | ground truth | each model's map over the image."""
+    plt = _pyplot()
+    columns = ["image", "ground truth", *maps]
+    fig, axes = plt.subplots(len(names), len(columns), figsize=(2.6 * len(columns), 2.6 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        image = images[row].permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_ylabel(name, fontsize=8)
+        axes[row, 1].imshow(masks[row].numpy(), cmap="gray", vmin=0, vmax=1)
+        for column, anomaly_map in enumerate(maps.values(), start=2):
+            axes[row, column].imshow(image)
+            axes[row, column].imshow(anomaly_map[row], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        for column, title in enumerate(columns):
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

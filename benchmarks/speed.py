@@ -1,0 +1,481 @@
+"""Cost of TDAD against PatchCore, STFPM and the teacher's forward pass alone, in one process.
+
+Same images, same input size and the same number of CPU threads for every model (torch and OpenVINO):
+
+- training seconds per epoch over the chosen training images (PatchCore: its one fitting epoch,
+  feature extraction plus coreset selection), no validation;
+- inference images per second in torch eager (the whole anomalib model: pre-processing, network,
+  post-processing) and through the model exported with anomalib's ``to_openvino`` (compiled with
+  ``INFERENCE_PRECISION_HINT=f32``; OpenVINO defaults to bf16 on CPUs that have it);
+- peak resident memory (RSS) of the process during each phase.
+
+Writes ``speed.csv`` and ``report.md`` with the ratios TDAD / peer and TDAD / teacher-only to ``--output``.
+With ``--stream-images N`` it also runs TDAD over a folder of N images (the test images repeated), read
+from disk batch by batch, records RSS after every batch (``stream.csv``, ``stream.png``) and reports whether
+memory stays flat.
+
+Example (smoke run)::
+
+    python benchmarks/speed.py --train-images 16 --infer-images 16 --image-size 128 --stream-images 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from anomalib.callbacks import ModelCheckpoint
+from anomalib.engine import Engine
+from anomalib.models import AnomalibModule
+from lightning.pytorch import Callback, seed_everything
+from torch import nn
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+MODELS = ["tdad", "patchcore", "stfpm"]
+TEACHER_LABEL = "teacher only"
+FLAT_MB = 50  # streaming memory counts as flat when it grows less than this after the first tenth
+COLUMNS = [
+    "train_s_per_epoch",
+    "train_ms_per_image",
+    "eager_images_per_s",
+    "openvino_images_per_s",
+    "train_mem_mb",
+    "eager_mem_mb",
+    "openvino_mem_mb",
+    "base_rss_mb",
+]
+METHOD_NOTE = (
+    "Training time is one epoch over the training images without validation (PatchCore: feature extraction plus "
+    "coreset selection, which grows with the square of the number of patches). Eager inference times the whole "
+    "anomalib model (pre-processing, network, post-processing) in `torch.inference_mode`; OpenVINO times the model "
+    "exported by anomalib's `to_openvino` (the teacher alone: `openvino.convert_model`), compiled in f32. Memory "
+    "(`*_mem_mb`) is the process's peak RSS during the phase (Linux's high-water mark, reset at the phase start) "
+    "minus its RSS just before the model was built (`base_rss_mb`: libraries and data, freed earlier models "
+    "trimmed); for OpenVINO, minus the RSS after the torch model was freed, so it counts compiling and running the "
+    "exported model. A warm-up (one STFPM batch, one OpenVINO compile) loads the libraries before the first "
+    "measurement."
+)
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB; None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process in MB (without /proc: the peak so far)."""
+    current = _status_mb("VmRSS")
+    if current is not None:
+        return current
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so each phase starts from what is really in use."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """Peak RSS in MB during a ``with`` block.
+
+    Linux's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) where it can be reset,
+    and in any case a thread sampling the RSS every few milliseconds.
+    """
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.start = self.peak = 0.0
+        self._exact = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, rss_mb())
+
+    def __enter__(self) -> PeakRSS:
+        release_memory()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self._exact = True
+        except OSError:
+            self._exact = False
+        self.start = self.peak = rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb(), (_status_mb("VmHWM") or 0.0) if self._exact else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class _TrainTimer(Callback):
+    """Wall time from the start to the end of training (after PatchCore's coreset selection)."""
+
+    start = end = 0.0
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        del trainer, pl_module
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        del trainer, pl_module
+        self.end = time.perf_counter()
+
+
+def train_seconds(model: AnomalibModule, data: common.DataConfig, epochs: int) -> float:
+    """Seconds of training (no validation, no checkpoint) divided by the epochs run."""
+    timer = _TrainTimer()
+    with tempfile.TemporaryDirectory() as workdir:
+        engine = Engine(
+            max_epochs=epochs,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=workdir,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ModelCheckpoint(save_top_k=0, save_last=False), timer],
+        )
+        engine.fit(model=model, datamodule=common.make_datamodule(data))
+    return (timer.end - timer.start) / epochs
+
+
+@torch.inference_mode()
+def images_per_second(forward: Callable[[torch.Tensor], Any], batches: Sequence[torch.Tensor]) -> float:
+    """Throughput of ``forward`` over ``batches`` after one warm-up batch."""
+    forward(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        forward(batch)
+    return sum(len(batch) for batch in batches) / (time.perf_counter() - start)
+
+
+def openvino_forward(model: Any, threads: int) -> Callable[[torch.Tensor], Any]:
+    """Compile an OpenVINO model (``.xml`` path or ``openvino.Model``) for the CPU in f32 with ``threads``."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+    )
+    return lambda batch: compiled(batch.numpy())
+
+
+def to_openvino(model: nn.Module, folder: str, example: torch.Tensor) -> Any:
+    """The model as OpenVINO sees it: anomalib's own export for anomalib models, else ``convert_model``."""
+    import openvino as ov
+
+    if isinstance(model, AnomalibModule):
+        return Path(model.to_openvino(folder, input_size=tuple(example.shape[-2:])))
+    return ov.convert_model(model, example_input=example)
+
+
+class TeacherOnly(nn.Module):
+    """TDAD's teacher alone: normalization and the frozen timm feature extractor, nothing else."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        from anomalib.models.components import TimmFeatureExtractor
+
+        from anomalib_tdad import Tdad
+
+        self.pre_processor = Tdad.configure_pre_processor(image_size=(image_size, image_size))
+        self.teacher = TimmFeatureExtractor(
+            backbone=common.TEACHER, layers=common.TEACHER_LAYERS, pre_trained=True
+        ).eval()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Teacher features, finest level first."""
+        return tuple(self.teacher(self.pre_processor(images)).values())
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+def test_batches(data: common.DataConfig, count: int, image_size: int, batch_size: int) -> list[torch.Tensor]:
+    """``count`` test images (repeated if there are fewer), resized to ``image_size``, in batches."""
+    dataset = common.make_datamodule(data).test_data
+    images = []
+    for index in range(count):
+        image = dataset[index % len(dataset)].image
+        images.append(
+            F.interpolate(image[None], size=(image_size, image_size), mode="bilinear", align_corners=False)[0]
+        )
+    return list(torch.stack(images).split(batch_size))
+
+
+def measure(
+    label: str,
+    build: Callable[[], nn.Module],
+    args: argparse.Namespace,
+    data: common.DataConfig,
+    batches: list[torch.Tensor],
+    epochs: int | None,
+) -> dict[str, Any]:
+    """Train (if ``epochs``), then time eager and OpenVINO inference of one model.
+
+    Memory of a torch phase is its peak RSS minus the RSS just before the model was built
+    (``base_rss_mb``), so libraries loaded earlier and models measured before do not count; OpenVINO's
+    is counted from after the torch model is freed.
+    """
+    seed_everything(0)
+    release_memory()
+    base = rss_mb()
+    row: dict[str, Any] = {"model": label, "base_rss_mb": base}
+    model = build()
+    if epochs:
+        with PeakRSS() as memory:
+            row["train_s_per_epoch"] = train_seconds(model, data, epochs)
+        row |= {
+            "epochs": epochs,
+            "train_images": len(common.make_datamodule(data).train_data),
+            "train_mem_mb": memory.peak - base,
+        }
+        row["train_ms_per_image"] = 1000 * row["train_s_per_epoch"] / row["train_images"]
+    model.eval()
+    with PeakRSS() as memory:
+        row["eager_images_per_s"] = images_per_second(model, batches)
+    row["eager_mem_mb"] = memory.peak - base
+    if not args.no_openvino:
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                exported = to_openvino(model, folder, batches[0])
+                del model
+                with PeakRSS() as memory:  # starts after the torch model is freed: counts the compiled model
+                    forward = openvino_forward(exported, args.threads)
+                    row["openvino_images_per_s"] = images_per_second(forward, batches)
+            row["openvino_mem_mb"] = memory.peak - memory.start
+        except Exception as error:  # noqa: BLE001 - report the failure, keep the other numbers
+            row["error"] = f"OpenVINO: {error!r}"[:300]
+    return row
+
+
+def warm_up(args: argparse.Namespace, data: common.DataConfig, batches: list[torch.Tensor]) -> None:
+    """Load what the first measured model would otherwise pay for (training path, OpenVINO's CPU plugin)."""
+    one_batch = common.DataConfig(
+        data.root, data.category, data.batch_size, data.num_workers, train_limit=data.batch_size
+    )
+    model = common.build_model("stfpm", args.image_size)
+    train_seconds(model, one_batch, 1)
+    images_per_second(model.eval(), batches[:1])
+    if not args.no_openvino:
+        openvino_forward(to_openvino(nn.Conv2d(3, 3, 3), "", batches[0]), args.threads)(batches[0])
+    del model
+
+
+def stream(args: argparse.Namespace, data: common.DataConfig, output: Path) -> pd.DataFrame:
+    """Run TDAD over ``--stream-images`` images read from disk; RSS after each batch.
+
+    The model is untrained: its memory and compute are those of a trained one.
+    """
+    from anomalib.data import PredictDataset
+    from torch.utils.data import DataLoader
+    from torchvision.transforms.v2 import Resize
+
+    seed_everything(0)
+    model = common.build_model("tdad", args.image_size).eval()
+    paths = list(common.make_datamodule(data).test_data.samples.image_path)
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(args.stream_images):  # hard links: N files on disk for the price of one
+            source, target = paths[index % len(paths)], Path(folder) / f"{index:06d}.png"
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy(source, target)
+        dataset = PredictDataset(folder, transform=Resize((args.image_size, args.image_size)))
+        loader = DataLoader(
+            dataset, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=dataset.collate_fn
+        )
+        release_memory()
+        rows, done = [{"images": 0, "rss_mb": rss_mb()}], 0
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="stream", unit="batch", dynamic_ncols=True):
+                model(batch.image)
+                done += len(batch.image)
+                rows.append({"images": done, "rss_mb": rss_mb()})
+    trace = pd.DataFrame(rows)
+    trace.to_csv(output / "stream.csv", index=False)
+    plt = common._pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(trace.images, trace.rss_mb)
+    ax.set(
+        xlabel="images processed",
+        ylabel="RSS (MB)",
+        title=f"TDAD streaming {args.stream_images} images",
+        ylim=(0, trace.rss_mb.max() * 1.1),
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(output / "stream.png", dpi=110)
+    plt.close(fig)
+    return trace
+
+
+def stream_section(trace: pd.DataFrame) -> str:
+    """Markdown verdict of the streaming trace: RSS after the first tenth of the images against the end."""
+    warm = trace[trace.images >= trace.images.max() / 10].iloc[0]
+    half = trace[trace.images >= trace.images.max() / 2]
+    slope = np.polyfit(half.images, half.rss_mb, 1)[0] * 1000 if len(half) > 1 else float("nan")
+    growth = trace.rss_mb.iloc[-1] - warm.rss_mb
+    verdict = "stays flat" if abs(growth) < FLAT_MB else "GROWS"
+    return (
+        f"## Streaming\n\nTDAD over {int(trace.images.max())} images read from disk in batches: RSS "
+        f"{trace.rss_mb.iloc[0]:.0f} MB before, {warm.rss_mb:.0f} MB after {int(warm.images)} images, peak "
+        f"{trace.rss_mb.max():.0f} MB, {trace.rss_mb.iloc[-1]:.0f} MB at the end: {growth:+.0f} MB after the first "
+        f"tenth, slope over the second half {slope:+.1f} MB per 1000 images. Memory {verdict} (criterion: "
+        f"|growth| < {FLAT_MB} MB).\n\n![stream](stream.png)"
+    )
+
+
+def ratio_table(rows: pd.DataFrame) -> str:
+    """TDAD's cost divided by each peer's (>1: TDAD costs more), per measured quantity."""
+    quantities = {  # label: (column, invert) — throughputs become time per image
+        "train s/epoch": ("train_s_per_epoch", False),
+        "eager time/image": ("eager_images_per_s", True),
+        "OpenVINO time/image": ("openvino_images_per_s", True),
+        "train memory": ("train_mem_mb", False),
+        "eager memory": ("eager_mem_mb", False),
+        "OpenVINO memory": ("openvino_mem_mb", False),
+    }
+    table = rows.set_index("model")
+    if "TDAD" not in table.index:
+        return ""
+    out = []
+    for peer in table.index.drop("TDAD"):
+        cells = []
+        for column, invert in quantities.values():
+            tdad, other = table.loc["TDAD"].get(column, np.nan), table.loc[peer].get(column, np.nan)
+            value = (
+                (other / tdad if invert else tdad / other)
+                if pd.notna(tdad) and pd.notna(other) and other and tdad
+                else np.nan
+            )
+            cells.append("—" if pd.isna(value) else f"{value:.2f}×")
+        out.append([f"TDAD / {peer}", *cells])
+    return common.markdown_table(["ratio", *quantities], out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--root", type=Path, default=common.DEFAULT_ROOT, help="dataset root in MVTec AD layout")
+    parser.add_argument("--category", default=common.DEFAULT_CATEGORY, help="category folder under --root")
+    parser.add_argument("--image-size", type=int, default=256, help="square input size of every model")
+    parser.add_argument("--batch-size", type=int, default=8, help="train and inference batch size")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and OpenVINO CPU threads")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    parser.add_argument("--train-images", type=int, default=0, help="training images (0: all)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs timed for TDAD and STFPM (PatchCore: always 1)")
+    parser.add_argument(
+        "--infer-images", type=int, default=64, help="test images timed for inference (repeated if fewer)"
+    )
+    parser.add_argument(
+        "--coreset-ratio", type=float, default=0.001, help="PatchCore coreset sampling ratio (see compare.py)"
+    )
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="models besides the teacher alone")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO export and timing")
+    parser.add_argument(
+        "--stream-images", type=int, default=0, help="also stream TDAD over this many images and track RSS (0: skip)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-speed)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every model, write the CSV and the report; returns 1 if a measurement failed."""
+    args = parse_args(argv)
+    output = common.setup_run(args, "speed")
+    torch.set_num_threads(args.threads)
+    data = common.DataConfig(args.root, args.category, args.batch_size, args.num_workers, args.train_images)
+    batches = test_batches(data, args.infer_images, args.image_size, args.batch_size)
+    jobs: list[tuple[str, Callable[[], nn.Module], int | None]] = [
+        (
+            common.LABELS[key],
+            partial(common.build_model, key, args.image_size, args.coreset_ratio),
+            1 if key in common.MEMORY_BANK else args.epochs,
+        )
+        for key in args.models
+    ]
+    jobs.append((TEACHER_LABEL, partial(TeacherOnly, args.image_size), None))
+    warm_up(args, data, batches)
+    rows = []
+    for label, build, epochs in tqdm(jobs, desc="speed", unit="model", dynamic_ncols=True):
+        rows.append(measure(label, build, args, data, batches, epochs))
+        pd.DataFrame(rows).to_csv(output / "speed.csv", index=False)
+    results = pd.DataFrame(rows).reindex(columns=["model", "epochs", "train_images", *COLUMNS, "error"])
+    results.to_csv(output / "speed.csv", index=False)
+
+    cells = [
+        [row.model, *("—" if pd.isna(row[c]) else f"{row[c]:.4g}" for c in COLUMNS)] for _, row in results.iterrows()
+    ]
+    train_images = int(results.train_images.max()) if results.train_images.notna().any() else 0
+    sections = [
+        (
+            f"Dataset `{args.root / args.category}`: {train_images} training images, {sum(map(len, batches))} test "
+            f"images timed for inference, {args.image_size}×{args.image_size} px, batch size {args.batch_size}, "
+            f"{args.threads} torch/OpenVINO thread(s), {args.num_workers} data loader workers. Teacher "
+            f"`{common.TEACHER}` ({', '.join(common.TEACHER_LAYERS)}) for every model; PatchCore coreset ratio "
+            f"{args.coreset_ratio}."
+        ),
+        "## Absolute numbers (this device and thread count only)\n\n"
+        + common.markdown_table(["model", *COLUMNS], cells),
+        METHOD_NOTE,
+        "## Ratios (TDAD cost ÷ peer cost; > 1 means TDAD costs more)\n\n" + ratio_table(results),
+    ]
+    if args.stream_images:
+        sections.append(stream_section(stream(args, data, output)))
+    failed = results[results.error.fillna("") != ""]
+    if len(failed):
+        sections.append(
+            "**Failures:**\n\n" + common.markdown_table(["model", "error"], failed[["model", "error"]].to_numpy())
+        )
+    title = f"TDAD cost against PatchCore, STFPM and the teacher alone ({args.category})"
+    common.write_report(output / "report.md", title, sections)
+    print(f"Wrote {output / 'report.md'}")
+    return 1 if len(failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

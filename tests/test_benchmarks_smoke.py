@@ -1,0 +1,146 @@
+"""Smoke runs of the benchmark scripts in ``benchmarks/``: the tiny generated dataset, one epoch, one seed.
+
+They check that each script runs end to end and writes its CSV, Markdown and PNG files with one row per
+model and finite metrics; the numbers themselves mean nothing at this size. The benchmark configs are
+checked without training.
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+MODEL_LABELS = ["TDAD", "RD (TDAD λs=λd=0, same teacher)", "PatchCore", "STFPM", "PaDiM"]
+ABLATION_LABELS = ["GKD", "GKD+SCD", "GKD+DMD", "GKD+SCD+DMD"]
+METRICS = ["image AUROC", "pixel AUROC", "PRO"]
+TINY = ["--category", "brick", "--image-size", "64", "--batch-size", "4", "--seeds", "0", "--max-epochs", "1"]
+MVTEC_CATEGORIES = {
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
+    "toothbrush", "transistor", "wood", "zipper",
+}  # fmt: skip
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` with this interpreter; fail the test with its output if it exits non-zero."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [sys.executable, str(BENCHMARKS / script), *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"{script} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def assert_scores(frame: pd.DataFrame, columns: list[str]) -> None:
+    """Every value of ``columns`` is a finite number in [0, 1]."""
+    for column in columns:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        assert values.between(0, 1).all(), f"{column}: {values.tolist()}"
+
+
+def assert_png(path: Path) -> None:
+    """``path`` is a PNG image."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def assert_report(path: Path, labels: list[str]) -> None:
+    """The Markdown report names every label and says how it was made."""
+    text = path.read_text(encoding="utf-8")
+    for needle in [*labels, "Command:", "Git commit:", "Device:", "torch threads"]:
+        assert needle in text, needle
+
+
+def test_compare_writes_one_row_per_model(tiny_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "compare"
+    args = ["--root", str(tiny_root), *TINY, "--coreset-ratio", "0.05", "--heatmaps", "2", "--output", str(output)]
+    run_script("compare.py", *args, cwd=tmp_path)
+    results = pd.read_csv(output / "results.csv")
+    assert results.model.tolist() == MODEL_LABELS
+    assert results.error.isna().all()
+    assert_scores(results, METRICS)
+    assert pd.read_csv(output / "summary.csv").model.tolist() == MODEL_LABELS
+    assert_report(output / "report.md", [*MODEL_LABELS, *METRICS, "heatmaps.png"])
+    assert_png(output / "metrics.png")
+    assert_png(output / "heatmaps.png")
+
+
+def test_ablation_writes_one_row_per_loss_configuration(tiny_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "ablation"
+    run_script("ablation.py", "--root", str(tiny_root), *TINY, "--output", str(output), cwd=tmp_path)
+    results = pd.read_csv(output / "results.csv")
+    assert results.losses.tolist() == ABLATION_LABELS
+    assert_scores(results, METRICS)
+    assert_report(output / "report.md", [*ABLATION_LABELS, "against GKD only"])
+    assert_png(output / "metrics.png")
+
+
+def test_speed_measures_tdad_and_the_teacher_with_openvino_and_streaming(tiny_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "speed"
+    args = ["--root", str(tiny_root), "--category", "brick", "--image-size", "64", "--models", "tdad", "--threads", "1"]
+    args += ["--train-images", "8", "--infer-images", "8", "--stream-images", "24", "--output", str(output)]
+    run_script("speed.py", *args, cwd=tmp_path)
+    speed = pd.read_csv(output / "speed.csv").set_index("model")
+    assert speed.index.tolist() == ["TDAD", "teacher only"]
+    assert speed.error.isna().all()
+    assert speed.loc["TDAD", "train_s_per_epoch"] > 0
+    for column in ["eager_images_per_s", "openvino_images_per_s", "eager_mem_mb", "openvino_mem_mb"]:
+        assert (speed[column] > 0).all(), column
+    stream = pd.read_csv(output / "stream.csv")
+    assert stream.images.tolist() == [0, 8, 16, 24]
+    assert (stream.rss_mb > 0).all()
+    assert_report(output / "report.md", ["TDAD / teacher only", "Streaming"])
+    assert_png(output / "stream.png")
+
+
+def model_entries(config_name: str) -> list[dict]:
+    """The model grid of a benchmark config, after checking the parts every config shares."""
+    config = yaml.safe_load((BENCHMARKS / config_name).read_text(encoding="utf-8"))
+    data = config["benchmark"]["data"]
+    assert data["class_path"] == "MVTecAD"
+    assert set(data["init_args"]["category"]["grid"]) == MVTEC_CATEGORIES
+    return config["benchmark"]["model"]["grid"]
+
+
+@pytest.mark.parametrize("config_name", ["mvtec_wide_resnet50.yaml", "mvtec_lite0_offline.yaml"])
+def test_benchmark_config_models_exist_and_take_their_arguments(config_name: str) -> None:
+    import anomalib.models
+
+    for entry in model_entries(config_name):
+        model_class = getattr(anomalib.models, entry["class_path"])  # a bare name, as `anomalib benchmark` needs
+        accepted = inspect.signature(model_class).parameters
+        assert set(entry.get("init_args", {})) <= set(accepted), entry
+
+
+def test_wide_resnet_config_runs_with_bare_anomalib_benchmark() -> None:
+    # anomalib 2.7 collects results with the first job's keys only: all entries must have the same ones
+    entries = model_entries("mvtec_wide_resnet50.yaml")
+    assert {entry["class_path"] for entry in entries} == {"Tdad", "Patchcore", "ReverseDistillation", "Stfpm", "Padim"}
+    assert len({tuple(sorted(entry["init_args"])) for entry in entries}) == 1
+    assert {entry["init_args"]["backbone"] for entry in entries} == {"wide_resnet50_2"}
+
+
+def test_offline_config_models_build_without_network() -> None:
+    from anomalib.models import get_model
+
+    entries = model_entries("mvtec_lite0_offline.yaml")
+    models = [get_model(entry) for entry in entries]
+    assert [type(model).__name__ for model in models] == ["Tdad", "Tdad", "Patchcore", "Stfpm", "Padim"]
+    assert models[1].loss.weights == {"gkd": 1.0, "scd": 0.0, "dmd": 0.0}  # the RD stand-in
+
+
+@pytest.mark.slow
+def test_run_benchmark_offline_config_on_tiny_data(tiny_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "benchmark"
+    args = ["--config", str(BENCHMARKS / "mvtec_lite0_offline.yaml"), "--root", str(tiny_root)]
+    args += ["--categories", "brick", "--max-epochs", "1", "--accelerator", "cpu", "--output", str(output)]
+    run_script("run_benchmark.py", *args, cwd=tmp_path)
+    results = pd.read_csv(output / "results.csv")
+    assert sorted(results.model) == sorted(MODEL_LABELS)
+    assert_scores(results, METRICS)
+    assert_report(output / "report.md", MODEL_LABELS)
+    assert_png(output / "metrics.png")

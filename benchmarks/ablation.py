@@ -7,7 +7,7 @@ Each loss configuration is TDAD with the other weights set to 0, trained and tes
 
 Example (smoke run)::
 
-    python benchmarks/ablation.py --seeds 0 --max-epochs 1 --train-limit 16 --test-limit 40 --image-size 128
+    python benchmarks/ablation.py --seeds 0 --max-epochs 1 --train-limit 32 --test-limit 60 --image-size 128
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ the development set ``../shared/data/magnetic_tile``), once per seed. Writes to 
 - ``metrics.png``: bars per model and metric;
 - ``heatmaps.png``: image | ground truth | TDAD map | best peer's map, for a few defective test images.
 
-Example (smoke run, about two minutes on 2 CPU cores)::
+Example (smoke run, under a minute on one CPU thread)::
 
-    python benchmarks/compare.py --seeds 0 --max-epochs 1 --train-limit 16 --test-limit 40 --image-size 128
+    python benchmarks/compare.py --seeds 0 --max-epochs 1 --train-limit 32 --test-limit 60 --image-size 128
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Cost of TDAD against PatchCore, STFPM and the teacher's forward pass alone, in one process.
 
-Same images, same input size and the same number of CPU threads for every model (torch and OpenVINO):
+On the CPU, with the same images, input size and number of threads for every model (torch and OpenVINO):
 
 - training seconds per epoch over the chosen training images (PatchCore: its one fitting epoch,
   feature extraction plus coreset selection), no validation;

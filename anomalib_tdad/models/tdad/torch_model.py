@@ -74,6 +74,10 @@ class TdadModel(nn.Module):
         self.student = Student(self.teacher.out_dims, reductions, embedding_dim)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
         self.score_topk = score_topk
+        self.backbone = backbone
+        # The student's embedding sits at twice the coarsest stride and must be at least 2x2 (its BatchNorm
+        # fails on 1x1 maps when a batch holds one image); the map's Gaussian blur pads by 4 sigma.
+        self.min_input_size = max(2 * max(reductions) + 1, int(4.0 * sigma + 0.5) + 1)
 
     def train(self, mode: bool = True) -> "TdadModel":
         """Switch the student's mode; the teacher always stays in eval mode (frozen BatchNorm)."""
@@ -81,12 +85,25 @@ class TdadModel(nn.Module):
         self.teacher.eval()
         return self
 
+    def check_input_size(self, size: Sequence[int]) -> None:
+        """Raise a clear error for inputs smaller than the backbone's minimum (``min_input_size`` per side)."""
+        height, width = (int(side) for side in size)
+        if min(height, width) < self.min_input_size:
+            msg = (
+                f"Input of {height}x{width} px is too small for TDAD with backbone {self.backbone} at layers "
+                f"{self.layers}: each side must be at least {self.min_input_size} px. Resize images to a larger size "
+                f"in the pre-processor, e.g. Tdad(pre_processor=Tdad.configure_pre_processor(image_size=(256, 256)))."
+            )
+            raise ValueError(msg)
+
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen teacher features, finest level first."""
         return list(self.teacher(images).values())
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         """Training: ``(teacher, student)`` features. Eval: anomaly map and score."""
+        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            self.check_input_size(images.shape[-2:])
         teacher = self.teacher_features(images)
         student = self.student(teacher)
         if self.training:

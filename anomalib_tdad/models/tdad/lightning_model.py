@@ -26,9 +26,12 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Normalize
+
+from anomalib_tdad.checks import check_datamodule, check_dataset_exists
 
 from .corruption import Corruption
 from .loss import TdadLoss
@@ -132,6 +135,22 @@ class Tdad(AnomalibModule):
         """Give every DDP rank its own stream of synthetic anomalies."""
         if self.trainer.world_size > 1:
             torch.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """anomalib's components; first stop a pointless MVTec AD download for a dataset that is not there.
+
+        Lightning calls this hook before the datamodule's ``prepare_data``, which would start downloading
+        MVTec AD (about 5 GB) for any missing ``root/category``, so the check has to run here.
+        """
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            check_dataset_exists(self.trainer.datamodule)
+        return super().configure_callbacks()
+
+    def setup(self, stage: str) -> None:
+        """Check every file of the splits this stage uses, so bad data fails now, by name, not mid-run."""
+        super().setup(stage)
+        if self.trainer.datamodule is not None:
+            check_datamodule(self.trainer.datamodule, stage)
 
     def compute_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One TDAD step on normalized normal ``images``: corrupt, distill, combine the three terms."""

@@ -42,6 +42,25 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite during training."""
 
 
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint was trained with another teacher or student architecture than the model it is loaded into."""
+
+
+# Hyper-parameters that fix the shapes of the saved weights; a checkpoint only fits a model that agrees on them.
+ARCHITECTURE_HPARAMS = ("backbone", "layers", "embedding_dim")
+RNG_STATE_KEY = "tdad_rng_state"
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401
+    """Tuples as lists, so ``("a", "b")`` from Python equals ``["a", "b"]`` from a YAML/checkpoint."""
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def _cli(value: Any) -> str:  # noqa: ANN401
+    """A hyper-parameter as it is written on anomalib's command line: ``"[a,b]"`` for a list."""
+    return f'"[{",".join(map(str, value))}]"' if isinstance(value, tuple | list) else str(value)
+
+
 def find_normalization(pre_processor: PreProcessor | None) -> tuple[list[float], list[float]] | tuple[None, None]:
     """Mean and std of the ``Normalize`` step of a pre-processor's transform, if it has one."""
     transform = getattr(pre_processor, "transform", None)
@@ -151,6 +170,52 @@ class Tdad(AnomalibModule):
         super().setup(stage)
         if self.trainer.datamodule is not None:
             check_datamodule(self.trainer.datamodule, stage)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to save non-finite weights; keep the RNG state so a resumed run continues the same stream."""
+        super().on_save_checkpoint(checkpoint)
+        broken = [name for name, value in checkpoint["state_dict"].items()
+                  if value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            broken.sort(key=lambda name: not name.startswith("model."))  # the cause first, derived statistics after
+            msg = (f"TDAD's weights became non-finite ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}) at "
+                   f"global step {self.global_step} (epoch {self.current_epoch}); the checkpoint was not written. "
+                   "Check the input images for NaN/inf values, or lower the learning rate.")
+            raise NonFiniteLossError(msg)
+        checkpoint[RNG_STATE_KEY] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint[RNG_STATE_KEY]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture by name; when resuming training, restore the RNG state."""
+        saved = checkpoint.get("hyper_parameters", {})
+        differences = {name: (saved[name], self.hparams[name]) for name in ARCHITECTURE_HPARAMS
+                       if name in saved and name in self.hparams and _plain(saved[name]) != _plain(self.hparams[name])}
+        if differences:
+            listed = "; ".join(f"{name}: checkpoint {_plain(old)!r}, this model {_plain(new)!r}"
+                               for name, (old, new) in differences.items())
+            fix = " ".join(f"--model.{name} {_cli(old)}" for name, (old, _) in differences.items())
+            msg = (f"The checkpoint does not fit this Tdad model ({listed}). Build the model with the checkpoint's "
+                   f"settings ({fix}), or load it with Tdad.load_from_checkpoint(path), which reads them from the "
+                   "file.")
+            raise IncompatibleCheckpointError(msg)
+        # Tdad.load_from_checkpoint(path, backbone=...) writes its overrides into the hyper-parameters: compare shapes.
+        own = self.state_dict()
+        differing = [name for name, value in checkpoint.get("state_dict", {}).items()
+                     if name in own and own[name].shape != value.shape]
+        if differing:
+            msg = (f"The checkpoint's weights do not fit this Tdad model (backbone {self.hparams.backbone!r}, layers "
+                   f"{_plain(self.hparams.layers)!r}): {len(differing)} tensors differ in shape, e.g. {differing[0]} "
+                   f"(checkpoint {list(checkpoint['state_dict'][differing[0]].shape)}, this model "
+                   f"{list(own[differing[0]].shape)}). It was trained with another backbone, layers or embedding_dim; "
+                   "load it with Tdad.load_from_checkpoint(path) and no overrides, which reads them from the file.")
+            raise IncompatibleCheckpointError(msg)
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(RNG_STATE_KEY)
+        if state and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
 
     def compute_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One TDAD step on normalized normal ``images``: corrupt, distill, combine the three terms."""

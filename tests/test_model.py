@@ -110,3 +110,20 @@ def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
     model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_dmd=0.0, margin=0.3)
     assert model.hparams["lambda_dmd"] == 0.0 and model.hparams["margin"] == 0.3
     assert model.hparams["backbone"] == "resnet18"
+
+
+def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -> None:  # noqa: ANN001
+    from anomalib.data import MVTecAD
+    from lightning.pytorch import Trainer
+
+    def epochs_trained(**trainer_kwargs: int) -> int:
+        model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, default_epochs=2)
+        datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
+        trainer = Trainer(limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=model.configure_callbacks(), **trainer_kwargs)
+        trainer.fit(model, datamodule=datamodule)
+        return trainer.current_epoch
+
+    assert epochs_trained() == 2
+    assert epochs_trained(max_epochs=3) == 3
+    assert epochs_trained(max_steps=1) == 1

@@ -13,6 +13,7 @@ Example:
     >>> engine.fit(Tdad(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
 """
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,11 @@ from anomalib_tdad.checks import check_datamodule, check_dataset_exists
 from .corruption import Corruption
 from .loss import TdadLoss
 from .torch_model import TdadModel
+
+logger = logging.getLogger(__name__)
+
+# What Lightning trains when neither max_epochs nor max_steps is given (e.g. `anomalib benchmark`).
+LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,6 +99,8 @@ class Tdad(AnomalibModule):
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         score_topk: Image score = mean of this fraction of the highest map pixels (0: the maximum).
         learning_rate: Adam learning rate.
+        default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
+            ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
     """
 
@@ -114,6 +122,7 @@ class Tdad(AnomalibModule):
         sigma: float = 4.0,
         score_topk: float = 0.0,
         learning_rate: float = 0.005,
+        default_epochs: int = 10,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -145,10 +154,18 @@ class Tdad(AnomalibModule):
             mask_patch_size=mask_patch_size,
         )
         self.learning_rate = learning_rate
+        self.default_epochs = default_epochs
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam on the student only; the teacher is frozen."""
         return optim.Adam(self.model.student.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
+
+    def on_fit_start(self) -> None:
+        """Train ``default_epochs`` instead of Lightning's 1000 when no training length was set."""
+        loop = self.trainer.fit_loop
+        if loop.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and self.trainer.max_steps == -1:
+            logger.warning("No max_epochs given: TDAD trains %d epochs (set --trainer.max_epochs to change).", self.default_epochs)
+            loop.max_epochs = self.default_epochs
 
     def on_train_start(self) -> None:
         """Give every DDP rank its own stream of synthetic anomalies."""

@@ -75,7 +75,7 @@ def test_benchmark_config_with_bare_class_path(tiny_root: Path, tmp_path: Path) 
         "accelerator": ["cpu"],
         "benchmark": {
             "seed": 42,
-            "model": {"class_path": "Tdad", "init_args": {"lambda_dmd": {"grid": [0.0, 1.0]}}},
+            "model": {"class_path": "Tdad", "init_args": {"default_epochs": 1, "lambda_dmd": {"grid": [0.0, 1.0]}}},
             "data": {"class_path": "MVTecAD", "init_args": {"root": str(tiny_root), "category": "brick", "num_workers": 0,
                                                             "train_batch_size": 8, "eval_batch_size": 8}},
         },

@@ -85,5 +85,6 @@ def test_benchmark_config_with_bare_class_path(tiny_root: Path, tmp_path: Path) 
     csvs = list(tmp_path.rglob("*.csv"))
     assert csvs, "anomalib benchmark wrote no results"
     results = pd.concat(pd.read_csv(path) for path in csvs)
-    assert len(results) == 2 and set(results["model"]) == {"Tdad"}
+    assert len(results) == 2 and set(results["model.class_path"]) == {"Tdad"}
+    assert sorted(results["model.init_args.lambda_dmd"]) == [0.0, 1.0]
     assert results["image_AUROC"].between(0, 1).all()

@@ -181,6 +181,11 @@ class DataConfig:
     train_limit: int = 0
     test_limit: int = 0
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataConfig":
+        """The options that :func:`add_data_args` added to a parser."""
+        return cls(args.root, args.category, args.batch_size, args.num_workers, args.train_limit, args.test_limit)
+
 
 def _per_label_subset(labels: np.ndarray, limit: int, rng: np.random.Generator) -> list[int]:
     """About ``limit`` indices, drawn per label in proportion to its share, at least one of each label."""

@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every model for every seed and write the results; returns 1 if any run failed."""
     args = parse_args(argv)
     output = common.setup_run(args, "compare")
-    data = common.DataConfig(
-        args.root, args.category, args.batch_size, args.num_workers, args.train_limit, args.test_limit
-    )
+    data = common.DataConfig.from_args(args)
     epochs = common.parse_epochs(args.max_epochs)
     tdad_args = common.parse_key_values(args.tdad_arg)
     jobs = [

@@ -79,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         sections.append("Change of the mean against GKD only:\n\n" + common.markdown_table(["losses", *metrics], rows))
     sections.append("![metrics](metrics.png)")
-    failed = common.failures(results, by="losses")
-    if failed:
-        sections.append(failed)
-    common.write_report(output / "report.md", f"TDAD loss ablation on {args.category}", sections)
-    print(f"Wrote {output / 'report.md'}")
-    return 1 if failed else 0
+    return common.finish_report(output, f"TDAD loss ablation on {args.category}", sections, results, by="losses")
 
 
 if __name__ == "__main__":

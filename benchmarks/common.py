@@ -494,6 +494,16 @@ def failures(results: pd.DataFrame, by: str = "model") -> str:
     return "**Failed runs:**\n\n" + markdown_table([by, "seed", "error"], failed[[by, "seed", "error"]].to_numpy())
 
 
+def finish_report(output: Path, title: str, sections: list[str], results: pd.DataFrame, by: str = "model") -> int:
+    """Append the failed runs, write ``output/report.md``; returns the exit code (1 if any run failed)."""
+    failed = failures(results, by=by)
+    if failed:
+        sections.append(failed)
+    write_report(output / "report.md", title, sections)
+    print(f"Wrote {output / 'report.md'}")
+    return 1 if failed else 0
+
+
 def write_report(path: Path, title: str, sections: Sequence[str]) -> None:
     """Write a Markdown report: title, run information, then ``sections``."""
     info = "\n".join(f"- **{key}:** {value}" for key, value in run_info().items())

@@ -102,12 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Best peer by mean image AUROC: {best}. Maps of seed {args.seeds[0]}, each scaled to [0, 1] by its "
             "model's minimum and maximum over the test set.\n\n![heatmaps](heatmaps.png)"
         )
-    failed = common.failures(results)
-    if failed:
-        sections.append(failed)
-    common.write_report(output / "report.md", f"TDAD vs peers on {args.category}", sections)
-    print(f"Wrote {output / 'report.md'}")
-    return 1 if failed else 0
+    return common.finish_report(output, f"TDAD vs peers on {args.category}", sections, results)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,77 @@ def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -
     assert epochs_trained() == 2
     assert epochs_trained(max_epochs=3) == 3
     assert epochs_trained(max_steps=1) == 1
+
+
+@pytest.mark.parametrize(
+    ("backbone", "layers", "stride"),
+    [
+        ("wide_resnet50_2", ("layer1", "layer2", "layer3"), 32),  # RD4AD: twice the coarsest stride
+        ("tf_efficientnet_lite0", ("blocks.2", "blocks.4", "blocks.6"), 32),  # coarsest level already at 32
+        ("resnet18", ("layer1", "layer2"), 32),
+    ],
+)
+def test_student_embedding_sits_at_stride_32(backbone: str, layers: tuple[str, ...], stride: int) -> None:
+    model = TdadModel(backbone, layers, pre_trained=False).eval()
+    embedding = model.student.bottleneck(model.teacher_features(torch.randn(1, 3, 128, 192)))
+    assert embedding.shape[-2:] == (128 // stride, 192 // stride)
+
+
+def test_level_statistics_are_the_per_position_moments_of_the_training_maps() -> None:
+    from anomalib_tdad.models.tdad.anomaly_map import LevelStatistics
+
+    torch.manual_seed(0)
+    maps = [torch.rand(50, 1, 8, 8) * torch.linspace(0.1, 1, 8), torch.rand(50, 1, 4, 4) + 3]
+    statistics = LevelStatistics(levels=2)
+    statistics.fit([m.double().sum(dim=(0, 1)) for m in maps], [(m.double() ** 2).sum(dim=(0, 1)) for m in maps], 50)
+    for level, level_maps in enumerate(maps):
+        mean, std = statistics.statistics(level)
+        torch.testing.assert_close(mean[0, 0], level_maps.mean(dim=(0, 1)))
+        torch.testing.assert_close(std[0, 0], level_maps.std(dim=(0, 1)), atol=1e-5, rtol=1e-4)
+    standardized = statistics([m[:10] for m in maps])
+    assert all(abs(s.mean().item()) < 0.5 for s in standardized)
+    assert all(s.shape == m[:10].shape for s, m in zip(standardized, maps, strict=True))
+
+
+def test_standardized_map_peaks_at_the_defect_not_where_the_student_is_always_poor() -> None:
+    """A border the student never reproduces well dominates the raw map; standardization removes it."""
+    from anomalib_tdad.models.tdad.anomaly_map import LevelStatistics
+
+    torch.manual_seed(0)
+    normal = torch.rand(40, 1, 16, 16) * 0.05 + 0.1
+    normal[..., :, 0] += 0.5  # the student is always poor at the left border
+    test = torch.rand(1, 1, 16, 16) * 0.05 + 0.1
+    test[..., :, 0] += 0.5
+    test[..., 8, 8] += 0.3  # a defect, weaker than the border in raw distance
+    statistics = LevelStatistics(levels=1)
+    statistics.fit([normal.double().sum(dim=(0, 1))], [(normal.double() ** 2).sum(dim=(0, 1))], len(normal))
+    assert test.flatten().argmax().item() % 16 == 0  # raw: the border wins
+    assert statistics([test])[0].flatten().argmax().item() == 8 * 16 + 8  # standardized: the defect wins
+
+
+def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoint(tiny_root, tmp_path) -> None:  # noqa: ANN001
+    from anomalib.data import MVTecAD
+    from lightning.pytorch import Trainer
+
+    kwargs = {"backbone": "resnet18", "layers": ("layer1", "layer2", "layer3"), "pre_trained": False}
+    model = Tdad(**kwargs, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+    datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=model.configure_callbacks(), default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=datamodule)
+    statistics = model.model.anomaly_map_generator.statistics
+    shapes = [tuple(statistics.statistics(level)[0].shape) for level in range(3)]
+    assert shapes == [(1, 1, 16, 16), (1, 1, 8, 8), (1, 1, 4, 4)]  # strides 4, 8, 16 of a 64 px input
+    assert all(statistics.statistics(level)[1].min() > 0 for level in range(3))
+
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    restored = Tdad.load_from_checkpoint(tmp_path / "model.ckpt").eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, actual = model.eval().model(images), restored.model(images)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
+
+    raw = Tdad(**kwargs, standardize=False).eval()
+    raw.model.student.load_state_dict(model.model.student.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(raw.model(images).anomaly_map, expected.anomaly_map)

@@ -237,7 +237,9 @@ def test_model_input_below_the_backbone_minimum_names_it(tiny_root: Path, tmp_pa
     ("backbone", "layers", "minimum"),
     [
         ("tf_efficientnet_lite0", ("blocks.1", "blocks.2", "blocks.4"), 33),
-        ("resnet18", ("layer2", "layer3", "layer4"), 65),
+        ("tf_efficientnet_lite0", ("blocks.2", "blocks.4", "blocks.6"), 33),
+        ("resnet18", ("layer2", "layer3", "layer4"), 33),
+        ("wide_resnet50_2", ("layer1", "layer2", "layer3"), 33),
     ],
 )
 def test_minimum_input_size_is_exact(backbone: str, layers: tuple[str, ...], minimum: int) -> None:
@@ -325,9 +327,9 @@ def test_cli_checkpoint_from_another_backbone_is_refused_and_nothing_written(
     output = " ".join((result.stdout + result.stderr).split())
     assert (
         "IncompatibleCheckpointError: The checkpoint does not fit this Tdad model (backbone: checkpoint "
-        "'tf_efficientnet_lite0', this model 'resnet18'; layers: checkpoint ['blocks.1', 'blocks.2', 'blocks.4']"
+        "'tf_efficientnet_lite0', this model 'resnet18'; layers: checkpoint ['blocks.2', 'blocks.4', 'blocks.6']"
     ) in output
-    assert '--model.layers "[blocks.1,blocks.2,blocks.4]"' in output
+    assert '--model.layers "[blocks.2,blocks.4,blocks.6]"' in output
     assert sha256(checkpoint) == before
     assert not list(results.rglob("*.png")) and not list(results.rglob("*.ckpt"))
 

@@ -1,4 +1,4 @@
-"""Anomaly map: per-level teacher-student cosine distance, upsampled, summed and smoothed."""
+"""Anomaly map: per-level teacher-student cosine distance, standardized, upsampled, summed and smoothed."""
 
 from collections.abc import Sequence
 
@@ -10,17 +10,89 @@ from torch import nn
 from .loss import cosine_distance
 
 
+def _resize(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of a ``(B, C, H, W)`` tensor, skipped when the size already matches."""
+    if tuple(tensor.shape[-2:]) == tuple(size):
+        return tensor
+    return F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class LevelStatistics(nn.Module):
+    """Per-level, per-position mean and standard deviation of the distances on normal training images.
+
+    The student reproduces some levels and some positions (image borders, for instance) worse than
+    others on perfectly normal images. Standardizing each level's distance map with its own normal
+    statistics (as PaDiM does with features) turns every level into "how unusual is this distance
+    here", so the levels add up on one scale. Before :meth:`fit` runs the statistics are the identity
+    (mean 0, std 1) and the maps are the raw distances.
+
+    Args:
+        levels: Number of teacher levels.
+        min_std: Floor of the standard deviation, as a fraction of the level's mean standard deviation.
+    """
+
+    def __init__(self, levels: int, min_std: float = 0.1) -> None:
+        super().__init__()
+        self.levels = levels
+        self.min_std = min_std
+        for level in range(levels):
+            self.register_buffer(f"mean_{level}", torch.zeros(1, 1, 1, 1))
+            self.register_buffer(f"std_{level}", torch.ones(1, 1, 1, 1))
+
+    def statistics(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(1, 1, h, w)`` mean and standard deviation of ``level``."""
+        return getattr(self, f"mean_{level}"), getattr(self, f"std_{level}")
+
+    def resize_buffers(self, shapes: dict[str, Sequence[int]]) -> None:
+        """Give the buffers the shapes of a checkpoint's (``{buffer name: shape}``) so it can be loaded."""
+        for name, shape in shapes.items():
+            if name in self._buffers and tuple(self._buffers[name].shape) != tuple(shape):
+                self._buffers[name] = torch.zeros(tuple(shape), dtype=self._buffers[name].dtype)
+
+    @torch.no_grad()
+    def fit(self, sums: Sequence[torch.Tensor], squares: Sequence[torch.Tensor], count: int) -> None:
+        """Set the statistics from per-level sums and sums of squares (``(h, w)`` each) over ``count`` maps."""
+        if count < 2:
+            msg = f"Need at least 2 normal training images for the map statistics, got {count}."
+            raise ValueError(msg)
+        for level, (total, square) in enumerate(zip(sums, squares, strict=True)):
+            mean = (total / count).float()
+            std = ((square.float() - count * mean**2).clamp_min(0) / (count - 1)).sqrt()
+            std = std.clamp_min(self.min_std * std.mean().item() + 1e-6)
+            self.register_buffer(f"mean_{level}", mean.reshape(1, 1, *mean.shape).clone())
+            self.register_buffer(f"std_{level}", std.reshape(1, 1, *std.shape).clone())
+
+    def forward(self, distances: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Standardize ``(B, 1, h, w)`` distance maps, one per level (statistics resized to each map)."""
+        standardized = []
+        for level, distance in enumerate(distances):
+            mean, std = self.statistics(level)
+            size = distance.shape[-2:]
+            standardized.append((distance - _resize(mean, size)) / _resize(std, size))
+        return standardized
+
+
+def level_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``(B, 1, h, w)`` cosine distance between teacher and student at every level."""
+    return [cosine_distance(t, s).unsqueeze(1) for t, s in zip(teacher, student, strict=True)]
+
+
 class AnomalyMapGenerator(nn.Module):
     """Turn teacher and student features into a ``(B, 1, H, W)`` anomaly map.
 
     Args:
+        levels: Number of teacher levels.
         sigma: Standard deviation, in pixels of the input image, of the Gaussian smoothing.
+        standardize: Standardize each level with its normal statistics (:class:`LevelStatistics`) before
+            summing; otherwise sum the raw distances.
     """
 
-    def __init__(self, sigma: float = 4.0) -> None:
+    def __init__(self, levels: int, sigma: float = 4.0, standardize: bool = True) -> None:
         super().__init__()
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
         self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel_size)
+        self.statistics = LevelStatistics(levels)
+        self.standardize = standardize
 
     def forward(
         self,
@@ -28,11 +100,11 @@ class AnomalyMapGenerator(nn.Module):
         student: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
     ) -> torch.Tensor:
-        """Sum of the upsampled per-level distances, Gaussian-smoothed."""
-        anomaly_map = sum(
-            F.interpolate(cosine_distance(t, s).unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
-            for t, s in zip(teacher, student, strict=True)
-        )
+        """Sum of the (standardized) per-level distances, upsampled to ``image_size`` and smoothed."""
+        distances = level_distances(teacher, student)
+        if self.standardize:
+            distances = self.statistics(distances)
+        anomaly_map = sum(_resize(distance, image_size) for distance in distances)
         return self.blur(anomaly_map)
 
 

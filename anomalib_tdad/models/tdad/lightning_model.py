@@ -98,6 +98,8 @@ class Tdad(AnomalibModule):
         embedding_dim: Channels of the student's bottleneck (``None``: ``max(256, 2 * C_last)``).
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         score_topk: Image score = mean of this fraction of the highest map pixels (0: the maximum).
+        standardize: Standardize each level's distance map with its per-position mean and standard deviation
+            on the normal training images (fitted after training) before the levels are summed.
         learning_rate: Adam learning rate.
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
@@ -107,7 +109,7 @@ class Tdad(AnomalibModule):
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.1", "blocks.2", "blocks.4"),
+        layers: Sequence[str] = ("blocks.2", "blocks.4", "blocks.6"),
         pre_trained: bool = True,
         lambda_gkd: float = 1.0,
         lambda_scd: float = 1.0,
@@ -121,6 +123,7 @@ class Tdad(AnomalibModule):
         embedding_dim: int | None = None,
         sigma: float = 4.0,
         score_topk: float = 0.0,
+        standardize: bool = True,
         learning_rate: float = 0.005,
         default_epochs: int = 10,
         pre_processor: PreProcessor | bool = True,
@@ -141,6 +144,7 @@ class Tdad(AnomalibModule):
             embedding_dim=embedding_dim,
             sigma=sigma,
             score_topk=score_topk,
+            standardize=standardize,
         )
         self.loss = TdadLoss(lambda_gkd=lambda_gkd, lambda_scd=lambda_scd, lambda_dmd=lambda_dmd, margin=margin)
         mean, std = find_normalization(self.pre_processor)
@@ -155,6 +159,7 @@ class Tdad(AnomalibModule):
         )
         self.learning_rate = learning_rate
         self.default_epochs = default_epochs
+        self._statistics_step = -1  # global step at which the map statistics were last fitted
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam on the student only; the teacher is frozen."""
@@ -216,6 +221,12 @@ class Tdad(AnomalibModule):
                    f"settings ({fix}), or load it with Tdad.load_from_checkpoint(path), which reads them from the "
                    "file.")
             raise IncompatibleCheckpointError(msg)
+        # The map statistics take the shape of the training maps: give the buffers the checkpoint's shapes.
+        statistics = "model.anomaly_map_generator.statistics."
+        self.model.anomaly_map_generator.statistics.resize_buffers({
+            name.removeprefix(statistics): value.shape
+            for name, value in checkpoint.get("state_dict", {}).items() if name.startswith(statistics)
+        })
         # Tdad.load_from_checkpoint(path, backbone=...) writes its overrides into the hyper-parameters: compare shapes.
         own = self.state_dict()
         differing = [name for name, value in checkpoint.get("state_dict", {}).items()
@@ -264,6 +275,46 @@ class Tdad(AnomalibModule):
             self.log(f"train_{name}", value.item(), on_epoch=True, on_step=False, logger=True)
         self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True)
         return {"loss": loss}
+
+    def fit_map_statistics(self) -> None:
+        """Fit the per-level map statistics on the training images (one eval pass), unless already current.
+
+        Runs before each validation and once after training, so scores and thresholds always see the
+        statistics of the student being evaluated. Under DDP the ranks' sums are added up.
+        """
+        generator = self.model.anomaly_map_generator
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if not generator.standardize or loader is None or self._statistics_step == self.global_step:
+            return
+        training = self.model.training
+        self.model.eval()
+        sums: list[torch.Tensor] = []
+        squares: list[torch.Tensor] = []
+        count = 0
+        for batch in loader:
+            images = batch.image.to(self.device)
+            if self.pre_processor is not None and self.pre_processor.transform is not None:
+                images = self.pre_processor.transform(images)
+            batch_sums, batch_squares = self.model.distance_moments(images)
+            sums = batch_sums if not sums else [a + b for a, b in zip(sums, batch_sums, strict=True)]
+            squares = batch_squares if not squares else [a + b for a, b in zip(squares, batch_squares, strict=True)]
+            count += images.shape[0]
+        if self.trainer.world_size > 1:
+            reduce = self.trainer.strategy.reduce
+            sums = [reduce(total, reduce_op="sum") for total in sums]
+            squares = [reduce(square, reduce_op="sum") for square in squares]
+            count = int(reduce(torch.tensor(float(count), device=self.device), reduce_op="sum").item())
+        generator.statistics.fit(sums, squares, count)
+        self._statistics_step = self.global_step
+        self.model.train(training)
+
+    def on_validation_start(self) -> None:
+        """Fit the map statistics of the current student before it is validated."""
+        self.fit_map_statistics()
+
+    def on_train_end(self) -> None:
+        """Fit the map statistics of the final student (if no validation followed the last step)."""
+        self.fit_map_statistics()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict maps and scores, used by the post-processor to fit its normalization."""

@@ -1,7 +1,8 @@
 """The student: a one-class bottleneck and a decoder generated from the teacher's ``feature_info``.
 
 As in reverse distillation (RD4AD), the student never sees the image. The bottleneck fuses the
-teacher's levels into one compact embedding at twice the coarsest stride; the decoder expands it
+teacher's levels into one compact embedding at stride 32 (RD4AD's, for a teacher whose coarsest level
+is at stride 16), or at the coarsest level's stride if that is coarser; the decoder expands it
 back to every level with exactly the teacher's channels and spatial sizes. Nothing here depends
 on a backbone family, so any timm CNN with ``features_only`` gets a student.
 """
@@ -30,8 +31,16 @@ def _resize(features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+EMBEDDING_STRIDE = 32
+
+
+def embedding_stride(reductions: Sequence[int]) -> int:
+    """Stride of the student's embedding: 32, or the coarsest teacher stride if that is coarser."""
+    return max(EMBEDDING_STRIDE, max(reductions))
+
+
 class Bottleneck(nn.Module):
-    """Fuse the teacher's levels into one embedding at twice the coarsest stride.
+    """Fuse the teacher's levels into one embedding at :func:`embedding_stride`.
 
     Args:
         channels: Teacher channels per level, finest first.
@@ -42,15 +51,15 @@ class Bottleneck(nn.Module):
     def __init__(self, channels: Sequence[int], reductions: Sequence[int], embedding_dim: int) -> None:
         super().__init__()
         coarsest, width = max(reductions), channels[-1]
+        down = max(0, round(math.log2(embedding_stride(reductions) / coarsest)))
         self.branches = nn.ModuleList()
         for in_channels, reduction in zip(channels, reductions, strict=True):
             steps = max(0, round(math.log2(coarsest / reduction)))
             layers = [conv_bn_relu(in_channels if i == 0 else width, width, stride=2) for i in range(steps)]
             self.branches.append(nn.Sequential(*layers) if layers else conv_bn_relu(in_channels, width))
-        self.fuse = nn.Sequential(
-            conv_bn_relu(width * len(channels), embedding_dim, stride=2),
-            conv_bn_relu(embedding_dim, embedding_dim),
-        )
+        fuse = [conv_bn_relu(width * len(channels), embedding_dim, stride=2 if down else 1)]
+        fuse += [conv_bn_relu(embedding_dim, embedding_dim, stride=2) for _ in range(down - 1)]
+        self.fuse = nn.Sequential(*fuse, conv_bn_relu(embedding_dim, embedding_dim))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Embed the teacher features (finest first)."""

@@ -10,8 +10,8 @@ from torch import nn
 
 from anomalib_tdad.weights import check_pretrained_available
 
-from .anomaly_map import AnomalyMapGenerator, image_score
-from .student import Student
+from .anomaly_map import AnomalyMapGenerator, image_score, level_distances
+from .student import Student, embedding_stride
 
 
 def available_layers(backbone: str) -> list[str]:
@@ -34,6 +34,8 @@ class TdadModel(nn.Module):
         embedding_dim: Channels of the student's bottleneck embedding (``None``: ``max(256, 2 * C_last)``).
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         score_topk: Image score is the mean of this fraction of the highest map pixels (0: the maximum).
+        standardize: Standardize each level's distance map with its per-position mean and standard deviation
+            on the normal training images before summing the levels (see :class:`LevelStatistics`).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class TdadModel(nn.Module):
         embedding_dim: int | None = None,
         sigma: float = 4.0,
         score_topk: float = 0.0,
+        standardize: bool = True,
     ) -> None:
         super().__init__()
         layers = list(layers)
@@ -72,12 +75,12 @@ class TdadModel(nn.Module):
             msg = f"Layers {layers} of {backbone} must be ordered by increasing stride, got strides {reductions}."
             raise ValueError(msg)
         self.student = Student(self.teacher.out_dims, reductions, embedding_dim)
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(levels=len(layers), sigma=sigma, standardize=standardize)
         self.score_topk = score_topk
         self.backbone = backbone
-        # The student's embedding sits at twice the coarsest stride and must be at least 2x2 (its BatchNorm
-        # fails on 1x1 maps when a batch holds one image); the map's Gaussian blur pads by 4 sigma.
-        self.min_input_size = max(2 * max(reductions) + 1, int(4.0 * sigma + 0.5) + 1)
+        # The student's embedding must be at least 2x2 (its BatchNorm fails on 1x1 maps when a batch holds
+        # one image); the map's Gaussian blur pads by 4 sigma.
+        self.min_input_size = max(embedding_stride(reductions) + 1, int(4.0 * sigma + 0.5) + 1)
 
     def train(self, mode: bool = True) -> "TdadModel":
         """Switch the student's mode; the teacher always stays in eval mode (frozen BatchNorm)."""
@@ -99,6 +102,13 @@ class TdadModel(nn.Module):
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen teacher features, finest level first."""
         return list(self.teacher(images).values())
+
+    @torch.no_grad()
+    def distance_moments(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-level sums and sums of squares over the batch of the ``(h, w)`` distance maps, in float64."""
+        teacher = self.teacher_features(images)
+        distances = [d.double() for d in level_distances(teacher, self.student(teacher))]
+        return [d.sum(dim=(0, 1)) for d in distances], [(d**2).sum(dim=(0, 1)) for d in distances]
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         """Training: ``(teacher, student)`` features. Eval: anomaly map and score."""

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     weight_list = ", ".join(f"{name} {CONFIGS[name]}" for name in args.configs)
     sections = [
         common.data_note(args, results)
-        + f" TDAD on `{common.TEACHER}` ({', '.join(common.TEACHER_LAYERS)}), {epochs} epochs. Weights "
+        + f" TDAD on `{common.TEACHER}` ({', '.join(common.TDAD_LAYERS)}), {epochs} epochs. Weights "
         f"(λ_GKD, λ_SCD, λ_DMD): {weight_list}." + (f" Extra TDAD arguments: `{tdad_args}`." if tdad_args else ""),
         common.summary_table(summary, metrics, by="losses", extra=["fit_s"]),
         f"Mean ± sample std over seeds {args.seeds}. {common.METRICS_NOTE}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import logging
 import math
 import os
@@ -49,7 +50,8 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data"
 DEFAULT_CATEGORY = "magnetic_tile"
 
 TEACHER = "tf_efficientnet_lite0"
-TEACHER_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16: TDAD's default teacher levels
+TDAD_LAYERS = list(inspect.signature(Tdad).parameters["layers"].default)  # TDAD's and RD's: the package default
+PEER_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16 like a ResNet's layer1-3: STFPM and PaDiM
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # strides 8 and 16, as PatchCore's layer2 + layer3
 PADIM_FEATURES = 100  # of the 176 teacher channels (PaDiM keeps 100 of resnet18's 448)
 
@@ -134,10 +136,10 @@ def build_model(
     ``rd`` is TDAD with ``lambda_scd = lambda_dmd = 0``: plain reverse distillation on the same teacher
     (anomalib's ``ReverseDistillation`` has decoders for ResNets only). ``tdad_args`` go to both.
     """
-    teacher = {"backbone": TEACHER, "layers": TEACHER_LAYERS}
+    teacher = {"backbone": TEACHER, "layers": PEER_LAYERS}
     models: dict[str, tuple[type[AnomalibModule], dict[str, Any]]] = {
-        "tdad": (Tdad, {**teacher, **(tdad_args or {})}),
-        "rd": (Tdad, {**teacher, **(tdad_args or {}), "lambda_scd": 0.0, "lambda_dmd": 0.0}),
+        "tdad": (Tdad, {"backbone": TEACHER, **(tdad_args or {})}),
+        "rd": (Tdad, {"backbone": TEACHER, **(tdad_args or {}), "lambda_scd": 0.0, "lambda_dmd": 0.0}),
         "patchcore": (
             Patchcore,
             {"backbone": TEACHER, "layers": PATCHCORE_LAYERS, "coreset_sampling_ratio": coreset_ratio},

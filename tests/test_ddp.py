@@ -56,14 +56,21 @@ engine = Engine(max_epochs=3, accelerator="cpu", devices=devices, strategy="ddp"
                 callbacks=[losses])
 engine.fit(model, datamodule=datamodule)
 
-student = hashlib.sha256(b"".join(p.cpu().numpy().tobytes() for p in model.model.student.state_dict().values()))
+def digest(tensors):
+    return hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()
+
+
+generator = model.model.anomaly_map_generator
 result = {"rank": engine.trainer.global_rank, "world_size": engine.trainer.world_size,
           "global_step": engine.trainer.global_step, "losses": losses.losses, "masks": masks,
-          "student": student.hexdigest()}
+          "student": digest(model.model.student.state_dict().values()),
+          "statistics": digest(generator.statistics.buffers()),
+          "statistics_fitted": all(b.numel() > 1 for b in generator.statistics.buffers())}
 if engine.trainer.global_rank == 0:
     dataset = MVTecADDataset(root=root, category="brick", split="test")
     images = torch.stack([dataset[i].image for i in range(len(dataset))])
     model.eval()
+    generator.standardize = False  # raw distances: standardized scores amplify tiny weight differences
     with torch.no_grad():
         result["scores"] = model.model(model.pre_processor.transform(images)).pred_score.tolist()
 (out / f"rank{engine.trainer.global_rank}.json").write_text(json.dumps(result))
@@ -99,6 +106,9 @@ def test_ddp_on_two_cpu_processes_matches_single_process(tiny_root: Path, tmp_pa
     assert all(mask0 != mask1 for mask0, mask1 in zip(ddp[0]["masks"], ddp[1]["masks"], strict=True))
     # Gradients are averaged: both ranks end with bit-identical student weights.
     assert ddp[0]["student"] == ddp[1]["student"]
+    # The map statistics are summed over both ranks' shards of the training images: identical on both ranks.
+    assert ddp[0]["statistics_fitted"] and ddp[1]["statistics_fitted"]
+    assert ddp[0]["statistics"] == ddp[1]["statistics"]
     # The result matches one process within seed noise (one process with seeds 0-2 spreads by up to ~6 % per
     # epoch here; DDP and one process with seed 0 differ by ~2 %).
     for epoch, (loss_ddp, loss_single) in enumerate(zip(ddp[0]["losses"], single["losses"], strict=True)):

@@ -125,7 +125,7 @@ class Tdad(AnomalibModule):
         score_topk: float = 0.0,
         standardize: bool = True,
         learning_rate: float = 0.005,
-        default_epochs: int = 10,
+        default_epochs: int = 20,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,

@@ -3,18 +3,11 @@
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
 from .loss import cosine_distance
-
-
-def _resize(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize of a ``(B, C, H, W)`` tensor, skipped when the size already matches."""
-    if tuple(tensor.shape[-2:]) == tuple(size):
-        return tensor
-    return F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)
+from .utils import resize
 
 
 class LevelStatistics(nn.Module):
@@ -68,7 +61,7 @@ class LevelStatistics(nn.Module):
         for level, distance in enumerate(distances):
             mean, std = self.statistics(level)
             size = distance.shape[-2:]
-            standardized.append((distance - _resize(mean, size)) / _resize(std, size))
+            standardized.append((distance - resize(mean, size)) / resize(std, size))
         return standardized
 
 
@@ -104,7 +97,7 @@ class AnomalyMapGenerator(nn.Module):
         distances = level_distances(teacher, student)
         if self.standardize:
             distances = self.statistics(distances)
-        anomaly_map = sum(_resize(distance, image_size) for distance in distances)
+        anomaly_map = sum(resize(distance, image_size) for distance in distances)
         return self.blur(anomaly_map)
 
 

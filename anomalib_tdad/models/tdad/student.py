@@ -11,8 +11,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
+from .utils import resize
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -22,13 +23,6 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Seq
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
-
-
-def _resize(features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize, skipped when the size already matches."""
-    if tuple(features.shape[-2:]) == tuple(size):
-        return features
-    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 EMBEDDING_STRIDE = 32
@@ -64,7 +58,7 @@ class Bottleneck(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Embed the teacher features (finest first)."""
         size = features[-1].shape[-2:]
-        branches = [_resize(branch(f), size) for branch, f in zip(self.branches, features, strict=True)]
+        branches = [resize(branch(f), size) for branch, f in zip(self.branches, features, strict=True)]
         return self.fuse(torch.cat(branches, dim=1))
 
 
@@ -93,7 +87,7 @@ class Decoder(nn.Module):
         outputs = []
         hidden = embedding
         for stage, head, size in zip(self.stages, self.heads, reversed(sizes), strict=True):
-            hidden = stage(_resize(hidden, size))
+            hidden = stage(resize(hidden, size))
             outputs.append(head(hidden))
         return outputs[::-1]
 

@@ -201,3 +201,32 @@ def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoi
     raw.model.student.load_state_dict(model.model.student.state_dict())
     with torch.no_grad():
         assert not torch.allclose(raw.model(images).anomaly_map, expected.anomaly_map)
+
+
+def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode(tiny_root, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from anomalib.data import MVTecAD
+    from lightning.pytorch import Trainer
+
+    from anomalib_tdad.models.tdad.anomaly_map import LevelStatistics
+
+    counts: list[int] = []
+    fit = LevelStatistics.fit
+    monkeypatch.setattr(LevelStatistics, "fit", lambda self, s, q, count: (counts.append(count), fit(self, s, q, count)))
+    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False,
+                 pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+    datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=2, eval_batch_size=2, num_workers=0)
+    trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=model.configure_callbacks(),
+                      default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=datamodule)
+    assert counts and set(counts) == {4}  # 2 batches of 2, not the 16 training images
+
+    def broken(images: torch.Tensor) -> None:
+        raise RuntimeError("boom")
+
+    model._statistics_step = -1  # noqa: SLF001 (force a new pass)
+    model.train()
+    monkeypatch.setattr(model.model, "distance_moments", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit_map_statistics()
+    assert model.model.training  # the failed pass did not leave the model in eval mode

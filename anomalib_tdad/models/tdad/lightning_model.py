@@ -13,9 +13,10 @@ Example:
     >>> engine.fit(Tdad(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
 """
 
+import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,17 +289,10 @@ class Tdad(AnomalibModule):
             return
         training = self.model.training
         self.model.eval()
-        sums: list[torch.Tensor] = []
-        squares: list[torch.Tensor] = []
-        count = 0
-        for batch in loader:
-            images = batch.image.to(self.device)
-            if self.pre_processor is not None and self.pre_processor.transform is not None:
-                images = self.pre_processor.transform(images)
-            batch_sums, batch_squares = self.model.distance_moments(images)
-            sums = batch_sums if not sums else [a + b for a, b in zip(sums, batch_sums, strict=True)]
-            squares = batch_squares if not squares else [a + b for a, b in zip(squares, batch_squares, strict=True)]
-            count += images.shape[0]
+        try:
+            sums, squares, count = self._distance_moments(loader)
+        finally:
+            self.model.train(training)
         if self.trainer.world_size > 1:
             reduce = self.trainer.strategy.reduce
             sums = [reduce(total, reduce_op="sum") for total in sums]
@@ -306,7 +300,26 @@ class Tdad(AnomalibModule):
             count = int(reduce(torch.tensor(float(count), device=self.device), reduce_op="sum").item())
         generator.statistics.fit(sums, squares, count)
         self._statistics_step = self.global_step
-        self.model.train(training)
+
+    def _distance_moments(self, loader: Iterable[Batch]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Per-level sums and squared sums of the distance maps over the training batches, and the image count.
+
+        Honours the trainer's ``limit_train_batches``, so a quick run stays quick.
+        """
+        limit = self.trainer.num_training_batches
+        batches = loader if math.isinf(limit) else itertools.islice(loader, int(limit))
+        sums: list[torch.Tensor] = []
+        squares: list[torch.Tensor] = []
+        count = 0
+        for batch in batches:
+            images = batch.image.to(self.device)
+            if self.pre_processor is not None and self.pre_processor.transform is not None:
+                images = self.pre_processor.transform(images)
+            batch_sums, batch_squares = self.model.distance_moments(images)
+            sums = batch_sums if not sums else [a + b for a, b in zip(sums, batch_sums, strict=True)]
+            squares = batch_squares if not squares else [a + b for a, b in zip(squares, batch_squares, strict=True)]
+            count += images.shape[0]
+        return sums, squares, count
 
     def on_validation_start(self) -> None:
         """Fit the map statistics of the current student before it is validated."""

@@ -110,7 +110,7 @@ class Tdad(AnomalibModule):
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
-        layers: Sequence[str] = ("blocks.2", "blocks.4", "blocks.6"),
+        layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pre_trained: bool = True,
         lambda_gkd: float = 1.0,
         lambda_scd: float = 1.0,

@@ -29,7 +29,7 @@ class TdadModel(nn.Module):
 
     Args:
         backbone: Name of any timm CNN that supports ``features_only``.
-        layers: Three (or more) teacher levels of increasing stride, e.g. ``("layer1", "layer2", "layer3")``.
+        layers: Two or more teacher levels of increasing stride, e.g. ``("layer1", "layer2", "layer3")``.
         pre_trained: Load ImageNet weights for the teacher (fails fast if they cannot be had).
         embedding_dim: Channels of the student's bottleneck embedding (``None``: ``max(256, 2 * C_last)``).
         sigma: Gaussian smoothing of the anomaly map, in pixels.

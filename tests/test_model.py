@@ -43,6 +43,23 @@ def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
     assert not any(t.requires_grad for t in teacher)
 
 
+def test_level_weights_weight_each_levels_map() -> None:
+    """The map is linear in the level weights: weights (a, b, c) give a*map(1,0,0) + b*map(0,1,0) + c*map(0,0,1)."""
+    torch.manual_seed(0)
+    model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, sigma=1.0, standardize=False).eval()
+    images = torch.randn(2, 3, 64, 64)
+
+    def anomaly_map(weights: tuple[float, ...]) -> torch.Tensor:
+        model.anomaly_map_generator.level_weights = list(weights)
+        with torch.no_grad():
+            return model(images).anomaly_map
+
+    levels = [anomaly_map(tuple(float(i == level) for i in range(3))) for level in range(3)]
+    assert torch.allclose(anomaly_map((1.0, 1.0, 1.0)), sum(levels), atol=1e-5)
+    assert torch.allclose(anomaly_map((0.25, 0.0, 2.0)), 0.25 * levels[0] + 2.0 * levels[2], atol=1e-5)
+    assert not torch.allclose(levels[0], levels[2])
+
+
 def test_topk_score_is_between_mean_and_max() -> None:
     model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, score_topk=0.05).eval()
     with torch.no_grad():
@@ -59,6 +76,8 @@ def test_topk_score_is_between_mean_and_max() -> None:
         ({"backbone": "resnet18", "layers": ("layer1", "layer9")}, "choose two or more of"),
         ({"backbone": "resnet18", "layers": ("layer3", "layer1", "layer2")}, "increasing stride"),
         ({"backbone": "resnet18", "score_topk": 1.5}, "score_topk"),
+        ({"backbone": "resnet18", "level_weights": (1.0, 1.0)}, "level_weights must be 3"),
+        ({"backbone": "resnet18", "level_weights": (1.0, -1.0, 1.0)}, "non-negative"),
     ],
 )
 def test_bad_model_arguments_get_clear_errors(kwargs: dict, message: str) -> None:

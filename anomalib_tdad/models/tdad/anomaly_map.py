@@ -1,4 +1,4 @@
-"""Anomaly map: per-level teacher-student cosine distance, standardized, upsampled, summed and smoothed."""
+"""Anomaly map: per-level teacher-student cosine distance, standardized, upsampled, weighted, summed, smoothed."""
 
 from collections.abc import Sequence
 
@@ -78,10 +78,18 @@ class AnomalyMapGenerator(nn.Module):
         sigma: Standard deviation, in pixels of the input image, of the Gaussian smoothing.
         standardize: Standardize each level with its normal statistics (:class:`LevelStatistics`) before
             summing; otherwise sum the raw distances.
+        level_weights: Weight of each level in the sum, finest first (``None``: 1 for every level).
     """
 
-    def __init__(self, levels: int, sigma: float = 4.0, standardize: bool = True) -> None:
+    def __init__(
+        self, levels: int, sigma: float = 4.0, standardize: bool = True, level_weights: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
+        weights = [1.0] * levels if level_weights is None else [float(weight) for weight in level_weights]
+        if len(weights) != levels or min(weights) < 0 or sum(weights) == 0:
+            msg = f"level_weights must be {levels} non-negative numbers, not all 0 (one per layer), got {level_weights}."
+            raise ValueError(msg)
+        self.level_weights = weights
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
         self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel_size)
         self.statistics = LevelStatistics(levels)
@@ -93,11 +101,15 @@ class AnomalyMapGenerator(nn.Module):
         student: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
     ) -> torch.Tensor:
-        """Sum of the (standardized) per-level distances, upsampled to ``image_size`` and smoothed."""
+        """Weighted sum of the (standardized) per-level distances, upsampled to ``image_size`` and smoothed."""
         distances = level_distances(teacher, student)
         if self.standardize:
             distances = self.statistics(distances)
-        anomaly_map = sum(resize(distance, image_size) for distance in distances)
+        anomaly_map = sum(
+            weight * resize(distance, image_size)
+            for weight, distance in zip(self.level_weights, distances, strict=True)
+            if weight > 0
+        )
         return self.blur(anomaly_map)
 
 

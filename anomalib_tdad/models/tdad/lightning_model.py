@@ -101,6 +101,8 @@ class Tdad(AnomalibModule):
         score_topk: Image score = mean of this fraction of the highest map pixels (0: the maximum).
         standardize: Standardize each level's distance map with its per-position mean and standard deviation
             on the normal training images (fitted after training) before the levels are summed.
+        level_weights: Weight of each level's map in the anomaly map, finest first (``None``: all 1). It
+            changes only the map, not the training; a level of weight 0 is still distilled.
         learning_rate: Adam learning rate.
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
@@ -125,6 +127,7 @@ class Tdad(AnomalibModule):
         sigma: float = 4.0,
         score_topk: float = 0.0,
         standardize: bool = True,
+        level_weights: Sequence[float] | None = None,
         learning_rate: float = 0.005,
         default_epochs: int = 20,
         pre_processor: PreProcessor | bool = True,
@@ -146,6 +149,7 @@ class Tdad(AnomalibModule):
             sigma=sigma,
             score_topk=score_topk,
             standardize=standardize,
+            level_weights=level_weights,
         )
         self.loss = TdadLoss(lambda_gkd=lambda_gkd, lambda_scd=lambda_scd, lambda_dmd=lambda_dmd, margin=margin)
         mean, std = find_normalization(self.pre_processor)

@@ -36,6 +36,7 @@ class TdadModel(nn.Module):
         score_topk: Image score is the mean of this fraction of the highest map pixels (0: the maximum).
         standardize: Standardize each level's distance map with its per-position mean and standard deviation
             on the normal training images before summing the levels (see :class:`LevelStatistics`).
+        level_weights: Weight of each level's map in the sum, finest first (``None``: all 1).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class TdadModel(nn.Module):
         sigma: float = 4.0,
         score_topk: float = 0.0,
         standardize: bool = True,
+        level_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         layers = list(layers)
@@ -75,7 +77,9 @@ class TdadModel(nn.Module):
             msg = f"Layers {layers} of {backbone} must be ordered by increasing stride, got strides {reductions}."
             raise ValueError(msg)
         self.student = Student(self.teacher.out_dims, reductions, embedding_dim)
-        self.anomaly_map_generator = AnomalyMapGenerator(levels=len(layers), sigma=sigma, standardize=standardize)
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            levels=len(layers), sigma=sigma, standardize=standardize, level_weights=level_weights
+        )
         self.score_topk = score_topk
         self.backbone = backbone
         # The student's embedding must be at least 2x2 (its BatchNorm fails on 1x1 maps when a batch holds

@@ -129,7 +129,7 @@ class Tdad(AnomalibModule):
         standardize: bool = True,
         level_weights: Sequence[float] | None = None,
         learning_rate: float = 0.005,
-        default_epochs: int = 20,
+        default_epochs: int = 40,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,

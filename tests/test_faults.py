@@ -92,6 +92,18 @@ def test_non_finite_weights_are_never_checkpointed(tiny_root: Path, tmp_path: Pa
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_training_without_validation_still_checkpoints(tiny_root: Path, tmp_path: Path) -> None:
+    """No validation pass leaves the post-processor's thresholds NaN; that is not a broken model."""
+    seed_everything(0)
+    engine = make_engine(tmp_path, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
+    engine.fit(make_model(), datamodule=make_datamodule(tiny_root))
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.isnan(state["post_processor._image_threshold"]).all()  # unfitted, as anomalib leaves it
+    assert all(torch.isfinite(value).all() for name, value in state.items()
+               if name.startswith("model.") and value.is_floating_point())
+
+
 # ---------------------------------------------------------------------------------------------- kill and resume
 
 TRAIN_SCRIPT = r'''

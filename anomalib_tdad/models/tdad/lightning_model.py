@@ -201,10 +201,11 @@ class Tdad(AnomalibModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to save non-finite weights; keep the RNG state so a resumed run continues the same stream."""
         super().on_save_checkpoint(checkpoint)
+        # Only the network and its map statistics: anomalib's post-processor keeps NaN thresholds until a
+        # validation pass fits them (e.g. with limit_val_batches=0), and anomalib saves those as they are.
         broken = [name for name, value in checkpoint["state_dict"].items()
-                  if value.is_floating_point() and not torch.isfinite(value).all()]
+                  if name.startswith("model.") and value.is_floating_point() and not torch.isfinite(value).all()]
         if broken:
-            broken.sort(key=lambda name: not name.startswith("model."))  # the cause first, derived statistics after
             msg = (f"TDAD's weights became non-finite ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}) at "
                    f"global step {self.global_step} (epoch {self.current_epoch}); the checkpoint was not written. "
                    "Check the input images for NaN/inf values, or lower the learning rate.")

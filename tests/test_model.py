@@ -125,6 +125,27 @@ def test_corruption_changes_pixels_only_inside_its_mask() -> None:
     assert (corrupted - images).abs()[~outside].mean() > 0.05
 
 
+def test_a_non_finite_synthetic_anomaly_leaves_its_image_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """anomalib's texture augmenters can return NaN pixels (torchvision's hue jitter below 0): never pass them on."""
+    torch.manual_seed(0)
+    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False,
+                 perlin_probability=1.0, mask_probability=0.0)
+    perlin = model.corruption.perlin.forward
+
+    def nan_in_second_image(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        corrupted, mask = perlin(pixels)
+        corrupted[1, :, :3, :2] = float("nan")
+        return corrupted, mask
+
+    monkeypatch.setattr(model.corruption.perlin, "forward", nan_in_second_image)
+    images = (torch.rand(3, 3, 64, 64) - model.corruption.mean) / model.corruption.std
+    corrupted, mask = model.corruption(images)
+    assert torch.isfinite(corrupted).all()
+    assert torch.allclose(corrupted[1], images[1], atol=1e-5) and mask[1].sum() == 0
+    assert mask[0].sum() > 0 and mask[2].sum() > 0  # the others keep their anomalies
+    assert not torch.allclose(corrupted[0], images[0], atol=1e-3)
+
+
 def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
     model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_dmd=0.0, margin=0.3)
     assert model.hparams["lambda_dmd"] == 0.0 and model.hparams["margin"] == 0.3

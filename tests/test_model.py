@@ -5,6 +5,7 @@ import torch
 from anomalib.data import InferenceBatch
 
 from anomalib_tdad import Tdad
+from anomalib_tdad.models.tdad.corruption import Corruption
 from anomalib_tdad.models.tdad.torch_model import TdadModel
 
 BACKBONES = {
@@ -123,6 +124,28 @@ def test_corruption_changes_pixels_only_inside_its_mask() -> None:
     outside = (mask == 0).expand_as(images)
     assert torch.allclose(corrupted[outside], images[outside], atol=1e-5)
     assert (corrupted - images).abs()[~outside].mean() > 0.05
+
+
+def test_shading_anomalies_scale_the_images_own_pixels_inside_the_mask() -> None:
+    torch.manual_seed(0)
+    corruption = Corruption(perlin_probability=1.0, mask_probability=0.0, shade_ratio=1.0, shade_gain=(1.3, 1.5))
+    pixels = torch.rand(6, 3, 64, 64) * 0.4 + 0.3  # no clipping at 0 or 1 for gains up to 1.5
+    corrupted, mask = corruption(pixels)
+    assert torch.all(mask.flatten(1).sum(1) > 0)
+    ratio = corrupted / pixels
+    outside = (mask == 0).expand_as(pixels)
+    assert torch.allclose(ratio[outside], torch.ones(()), atol=1e-5)
+    gains = [ratio[i][(mask[i] > 0).expand(3, -1, -1)] for i in range(6)]
+    for gain in gains:  # one gain per image, in the range or its inverse
+        assert gain.std() < 1e-4
+        assert 1.3 - 1e-4 <= max(gain.mean(), 1 / gain.mean()) <= 1.5 + 1e-4
+    assert {bool(g.mean() > 1) for g in gains} == {True, False}  # brighter and darker both occur
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"shade_ratio": 1.5}, "shade_ratio"), ({"shade_gain": (0.5, 2.0)}, "shade_gain")])
+def test_bad_shading_arguments_get_clear_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Corruption(**kwargs)
 
 
 def test_a_non_finite_synthetic_anomaly_leaves_its_image_clean(monkeypatch: pytest.MonkeyPatch) -> None:

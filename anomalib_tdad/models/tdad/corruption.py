@@ -26,6 +26,10 @@ class Corruption(nn.Module):
         mask_probability: Probability that an image gets masked patches.
         mask_ratio: Fraction of the patches masked in an image that gets masking.
         mask_patch_size: Side of a masked patch, in pixels of the model input.
+        shade_ratio: Fraction of the Perlin anomalies that change the brightness of the image's own pixels
+            inside the Perlin region (a gain drawn from ``shade_gain``, darker or brighter at random) instead
+            of blending in a foreign texture: shading defects such as stains or uneven coating.
+        shade_gain: Range of the brightness gain factor (and of its inverse, for darkening).
     """
 
     def __init__(
@@ -37,10 +41,12 @@ class Corruption(nn.Module):
         mask_probability: float = 0.5,
         mask_ratio: float = 0.1,
         mask_patch_size: int = 16,
+        shade_ratio: float = 0.0,
+        shade_gain: tuple[float, float] = (1.2, 2.0),
     ) -> None:
         super().__init__()
         for name, value in {"perlin_probability": perlin_probability, "mask_probability": mask_probability,
-                            "mask_ratio": mask_ratio}.items():
+                            "mask_ratio": mask_ratio, "shade_ratio": shade_ratio}.items():
             if not 0 <= value <= 1:
                 msg = f"{name} must lie in [0, 1], got {value}."
                 raise ValueError(msg)
@@ -56,6 +62,21 @@ class Corruption(nn.Module):
         self.mask_probability = mask_probability
         self.mask_ratio = mask_ratio
         self.mask_patch_size = mask_patch_size
+        if not 1 <= shade_gain[0] <= shade_gain[1]:
+            msg = f"shade_gain must be a range (low, high) with 1 <= low <= high, got {shade_gain}."
+            raise ValueError(msg)
+        self.shade_ratio = shade_ratio
+        self.shade_gain = (float(shade_gain[0]), float(shade_gain[1]))
+
+    def shade(self, pixels: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Turn a ``shade_ratio`` share of the Perlin anomalies into brightness changes of the image itself."""
+        batch = pixels.shape[0]
+        chosen = (torch.rand(batch, 1, 1, 1, device=pixels.device) < self.shade_ratio) & (mask.amax((1, 2, 3), keepdim=True) > 0)
+        low, high = torch.tensor(self.shade_gain, device=pixels.device).log()
+        log_gain = low + (high - low) * torch.rand(batch, 1, 1, 1, device=pixels.device)
+        sign = torch.where(torch.rand(batch, 1, 1, 1, device=pixels.device) < 0.5, -1.0, 1.0)
+        shaded = pixels * torch.exp(sign * log_gain * mask)
+        return torch.where(chosen, shaded, corrupted)
 
     def mask_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace random square patches of some images by uniform noise."""
@@ -81,6 +102,8 @@ class Corruption(nn.Module):
         if broken.any():
             corrupted = torch.where(broken, pixels, corrupted)
             perlin_mask = torch.where(broken, torch.zeros_like(perlin_mask), perlin_mask)
+        if self.shade_ratio > 0:
+            corrupted = self.shade(pixels, corrupted, perlin_mask.to(pixels.dtype))
         corrupted, patch_mask = self.mask_patches(corrupted)
         corrupted = corrupted[:, : images.shape[1]].clamp(0, 1)
         mask = torch.maximum(perlin_mask.to(patch_mask.dtype), patch_mask)

@@ -96,6 +96,8 @@ class Tdad(AnomalibModule):
         mask_probability: Share of training images given masked patches.
         mask_ratio: Fraction of patches masked in such an image.
         mask_patch_size: Side of a masked patch in pixels of the model input.
+        shade_ratio: Share of the Perlin anomalies that are brightness changes of the image's own pixels
+            (shading defects) instead of a blended-in texture.
         embedding_dim: Channels of the student's bottleneck (``None``: ``max(256, 2 * C_last)``).
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         score_topk: Image score = mean of this fraction of the highest map pixels (0: the maximum).
@@ -123,6 +125,7 @@ class Tdad(AnomalibModule):
         mask_probability: float = 0.5,
         mask_ratio: float = 0.1,
         mask_patch_size: int = 16,
+        shade_ratio: float = 0.0,
         embedding_dim: int | None = None,
         sigma: float = 4.0,
         score_topk: float = 0.0,
@@ -161,6 +164,7 @@ class Tdad(AnomalibModule):
             mask_probability=mask_probability,
             mask_ratio=mask_ratio,
             mask_patch_size=mask_patch_size,
+            shade_ratio=shade_ratio,
         )
         self.learning_rate = learning_rate
         self.default_epochs = default_epochs

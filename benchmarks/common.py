@@ -53,6 +53,7 @@ TEACHER = "tf_efficientnet_lite0"
 TDAD_LAYERS = list(inspect.signature(Tdad).parameters["layers"].default)  # TDAD's and RD's: the package default
 PEER_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16 like a ResNet's layer1-3: STFPM and PaDiM
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # strides 8 and 16, as PatchCore's layer2 + layer3
+DEFAULT_EPOCHS = inspect.signature(Tdad).parameters["default_epochs"].default  # the package's training length
 PADIM_FEATURES = 100  # of the 176 teacher channels (PaDiM keeps 100 of resnet18's 448)
 
 RD_LABEL = "RD (TDAD λs=λd=0, same teacher)"
@@ -339,9 +340,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-epochs",
         nargs="+",
-        default=["10"],
+        default=[str(DEFAULT_EPOCHS)],
         metavar="[NAME=]N",
-        help="training epochs: N for every trained model, NAME=N for one (e.g. 10 stfpm=20)",
+        help="training epochs: N for every trained model, NAME=N for one (e.g. 10 stfpm=20); default: Tdad's default_epochs",
     )
     parser.add_argument("--train-limit", type=int, default=0, help="train on this many random training images (0: all)")
     parser.add_argument(
@@ -365,7 +366,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_epochs(values: Sequence[str]) -> Callable[[str], int]:
     """``["10", "stfpm=20"]`` -> function giving each model key its epochs (1 for memory-bank models)."""
-    default, specific = 10, {}
+    default, specific = DEFAULT_EPOCHS, {}
     for value in values:
         name, _, number = value.rpartition("=")
         if name:

@@ -144,3 +144,22 @@ def test_run_benchmark_offline_config_on_tiny_data(tiny_root: Path, tmp_path: Pa
     assert_scores(results, METRICS)
     assert_report(output / "report.md", MODEL_LABELS)
     assert_png(output / "metrics.png")
+
+
+def test_benchmark_epochs_default_to_the_package_training_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``--max-epochs`` the scripts train as long as the package does; memory banks fit once."""
+    import argparse
+
+    from anomalib_tdad import Tdad
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+
+    parser = argparse.ArgumentParser()
+    common.add_data_args(parser)
+    epochs = common.parse_epochs(parser.parse_args([]).max_epochs)
+    package_default = inspect.signature(Tdad).parameters["default_epochs"].default
+    assert epochs("tdad") == epochs("rd") == epochs("stfpm") == package_default
+    assert epochs("patchcore") == epochs("padim") == 1
+    override = common.parse_epochs(parser.parse_args(["--max-epochs", "10", "stfpm=20"]).max_epochs)
+    assert (override("tdad"), override("stfpm"), override("padim")) == (10, 20, 1)

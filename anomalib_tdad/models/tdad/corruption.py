@@ -70,11 +70,11 @@ class Corruption(nn.Module):
 
     def shade(self, pixels: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Turn a ``shade_ratio`` share of the Perlin anomalies into brightness changes of the image itself."""
-        batch = pixels.shape[0]
-        chosen = (torch.rand(batch, 1, 1, 1, device=pixels.device) < self.shade_ratio) & (mask.amax((1, 2, 3), keepdim=True) > 0)
-        low, high = torch.tensor(self.shade_gain, device=pixels.device).log()
-        log_gain = low + (high - low) * torch.rand(batch, 1, 1, 1, device=pixels.device)
-        sign = torch.where(torch.rand(batch, 1, 1, 1, device=pixels.device) < 0.5, -1.0, 1.0)
+        shape, device = (pixels.shape[0], 1, 1, 1), pixels.device
+        chosen = (torch.rand(shape, device=device) < self.shade_ratio) & (mask.amax((1, 2, 3), keepdim=True) > 0)
+        low, high = torch.tensor(self.shade_gain, device=device).log()
+        log_gain = low + (high - low) * torch.rand(shape, device=device)
+        sign = torch.where(torch.rand(shape, device=device) < 0.5, -1.0, 1.0)
         shaded = pixels * torch.exp(sign * log_gain * mask)
         return torch.where(chosen, shaded, corrupted)
 

@@ -342,7 +342,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[str(DEFAULT_EPOCHS)],
         metavar="[NAME=]N",
-        help="training epochs: N for every trained model, NAME=N for one (e.g. 10 stfpm=20); default: Tdad's default_epochs",
+        help="training epochs: N for every trained model, NAME=N for one (e.g. 10 stfpm=20); "
+        "default: Tdad's default_epochs",
     )
     parser.add_argument("--train-limit", type=int, default=0, help="train on this many random training images (0: all)")
     parser.add_argument(

@@ -142,7 +142,9 @@ def test_shading_anomalies_scale_the_images_own_pixels_inside_the_mask() -> None
     assert {bool(g.mean() > 1) for g in gains} == {True, False}  # brighter and darker both occur
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"shade_ratio": 1.5}, "shade_ratio"), ({"shade_gain": (0.5, 2.0)}, "shade_gain")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"shade_ratio": 1.5}, "shade_ratio"), ({"shade_gain": (0.5, 2.0)}, "shade_gain")]
+)
 def test_bad_shading_arguments_get_clear_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Corruption(**kwargs)

@@ -5,6 +5,7 @@ there (anomalib's :class:`PerlinAnomalyGenerator` for the synthetic anomalies, r
 replaced by noise for the masking) and normalized again. Nothing here runs at inference.
 """
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,13 +67,13 @@ class Corruption(nn.Module):
             msg = f"shade_gain must be a range (low, high) with 1 <= low <= high, got {shade_gain}."
             raise ValueError(msg)
         self.shade_ratio = shade_ratio
-        self.shade_gain = (float(shade_gain[0]), float(shade_gain[1]))
+        self.shade_log_gain = (math.log(shade_gain[0]), math.log(shade_gain[1]))
 
     def shade(self, pixels: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Turn a ``shade_ratio`` share of the Perlin anomalies into brightness changes of the image itself."""
         shape, device = (pixels.shape[0], 1, 1, 1), pixels.device
         chosen = (torch.rand(shape, device=device) < self.shade_ratio) & (mask.amax((1, 2, 3), keepdim=True) > 0)
-        low, high = torch.tensor(self.shade_gain, device=device).log()
+        low, high = self.shade_log_gain
         log_gain = low + (high - low) * torch.rand(shape, device=device)
         sign = torch.where(torch.rand(shape, device=device) < 0.5, -1.0, 1.0)
         shaded = pixels * torch.exp(sign * log_gain * mask)

@@ -41,6 +41,7 @@ from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
+from torchmetrics.functional.classification import binary_auroc
 from tqdm.auto import tqdm
 
 from anomalib_tdad import Tdad
@@ -65,6 +66,7 @@ LABELS = {"tdad": "TDAD", "rd": RD_LABEL, "patchcore": "PatchCore", "stfpm": "ST
 CLASS_LABELS = {"Patchcore": "PatchCore", "Stfpm": "STFPM", "Padim": "PaDiM"}
 MEMORY_BANK = {"patchcore", "padim"}  # one fitting epoch, no gradient training
 METRICS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AUPRO": "PRO"}
+TYPE_PREFIX = "pixel AUROC · "  # results.csv columns: pixel AUROC of one defect type (its images + the good ones)
 METRICS_NOTE = (
     "PRO is anomalib's AUPRO (FPR limit 0.3). Scores and maps are min-max scaled over the validation set "
     "(= the test set) before the metrics, not centred on the threshold and clamped as anomalib does by "
@@ -242,6 +244,44 @@ class Job:
     build: Callable[[], AnomalibModule]
 
 
+class _TestMapCollector(Callback):
+    """Keeps every test image's anomaly map, ground-truth mask and defect type (the name of its folder)."""
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+        self.types: list[str] = []
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
+        del trainer, pl_module, args
+        if outputs is None or outputs.anomaly_map is None or outputs.gt_mask is None:
+            return
+        masks = outputs.gt_mask.reshape(-1, *outputs.gt_mask.shape[-2:]).bool()
+        maps = outputs.anomaly_map.detach().float().reshape(-1, 1, *outputs.anomaly_map.shape[-2:])
+        if maps.shape[-2:] != masks.shape[-2:]:
+            maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        self.maps.append(maps[:, 0].cpu())  # raw maps can exceed float16 (PaDiM: > 65504)
+        self.masks.append(masks.cpu())
+        self.types += [Path(path).parent.name for path in batch.image_path]
+
+    def pixel_auroc_by_type(self) -> dict[str, float]:
+        """Pixel AUROC of each defect type over its images and the good ones (``{TYPE_PREFIX + type: AUROC}``)."""
+        if not self.maps or "good" not in self.types:
+            return {}
+        maps, masks, types = torch.cat(self.maps), torch.cat(self.masks), np.asarray(self.types)
+        # Raw maps (this callback runs before the post-processor's): scale them into [0, 1], or torchmetrics
+        # would squash them with a sigmoid and tie every large value.
+        maps = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)
+        result = {}
+        for kind in sorted(set(self.types) - {"good"}):
+            chosen = torch.from_numpy(np.flatnonzero((types == kind) | (types == "good")))
+            target = masks[chosen].flatten()
+            if target.any() and not target.all():
+                score = binary_auroc(maps[chosen].flatten(), target.int(), thresholds=None)
+                result[f"{TYPE_PREFIX}{kind}"] = float(score)
+        return result
+
+
 class _EpochCallback(Callback):
     """Calls ``on_epoch`` after every training epoch (drives the progress bar)."""
 
@@ -258,11 +298,13 @@ def run_job(
 ) -> tuple[dict[str, Any], AnomalibModule]:
     """Fit and test ``job`` with anomalib's Engine in ``workdir``; returns its result row and the trained model.
 
-    Validation runs once, after the last epoch. No checkpoint is written.
+    Validation runs once, after the last epoch. No checkpoint is written. Besides the overall metrics the
+    row holds the pixel AUROC of every defect type (columns ``TYPE_PREFIX + type``).
     """
     seed_everything(job.seed, workers=True)
     model = job.build()
     datamodule = make_datamodule(data)
+    collector = _TestMapCollector()
     engine = Engine(
         max_epochs=job.epochs,
         check_val_every_n_epoch=job.epochs,
@@ -272,7 +314,7 @@ def run_job(
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(save_top_k=0, save_last=False), _EpochCallback(on_epoch)],
+        callbacks=[ModelCheckpoint(save_top_k=0, save_last=False), _EpochCallback(on_epoch), collector],
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -288,6 +330,7 @@ def run_job(
         "fit_s": round(fitted - start, 1),
         "test_s": round(time.perf_counter() - fitted, 1),
         "error": "",
+        **collector.pixel_auroc_by_type(),
     }
     return row, model
 
@@ -322,8 +365,10 @@ def run_jobs(
             bar.update(done + job.epochs + 1 - bar.n)  # the test step, or what a failed job left
             rows.append(row)
             pd.DataFrame(rows).to_csv(output / "results.csv", index=False)
+    frame = pd.DataFrame(rows)
+    by_type = [column for column in frame.columns if column.startswith(TYPE_PREFIX)]
     columns = ["model", "seed", "epochs", "train_images", "test_images", *METRICS.values(), "fit_s", "test_s", "error"]
-    return pd.DataFrame(rows).reindex(columns=columns)
+    return frame.reindex(columns=[*columns, *by_type])
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -488,6 +533,20 @@ def summary_table(summary: pd.DataFrame, columns: Sequence[str], by: str = "mode
         for _, row in summary.iterrows()
     ]
     return markdown_table([by, "runs", *columns, *(f"{c} (mean)" for c in extra)], rows)
+
+
+def type_table(summary: pd.DataFrame, by: str = "model") -> str:
+    """Markdown table of the per-defect-type pixel AUROC (``mean ± std``), or ``""`` when there is none."""
+    kinds = [c.removesuffix("_mean").removeprefix(TYPE_PREFIX) for c in summary.columns
+             if c.startswith(TYPE_PREFIX) and c.endswith("_mean")]
+    if not kinds:
+        return ""
+    rows = [[row[by], *(mean_std(row[f"{TYPE_PREFIX}{k}_mean"], row[f"{TYPE_PREFIX}{k}_std"]) for k in kinds)]
+            for _, row in summary.iterrows()]
+    return (
+        "Pixel AUROC by defect type (each type's test images together with the good ones):\n\n"
+        + markdown_table([by, *kinds], rows)
+    )
 
 
 def failures(results: pd.DataFrame, by: str = "model") -> str:

@@ -4,8 +4,10 @@ Every model uses the same offline teacher (timm ``tf_efficientnet_lite0``), the 
 input size; each is trained and tested with anomalib's ``Engine`` on an MVTec AD layout dataset (default:
 the development set ``../shared/data/magnetic_tile``), once per seed. Writes to ``--output``:
 
-- ``results.csv``: one row per model and seed (image AUROC, pixel AUROC, PRO, fit and test seconds);
-- ``summary.csv`` and ``report.md``: mean ± std over seeds, with the command, date, commit and device;
+- ``results.csv``: one row per model and seed (image AUROC, pixel AUROC, PRO, fit and test seconds, and the
+  pixel AUROC of each defect type);
+- ``summary.csv`` and ``report.md``: mean ± std over seeds (overall and per defect type), with the command,
+  date, commit and device;
 - ``metrics.png``: bars per model and metric;
 - ``heatmaps.png``: image | ground truth | TDAD map | best peer's map, for a few defective test images.
 
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = common.run_jobs(jobs, data, output, args.accelerator, keep)
     metrics = list(common.METRICS.values())
-    summary = common.summarize(results, [*metrics, "fit_s"])
+    by_type = [column for column in results.columns if column.startswith(common.TYPE_PREFIX)]
+    summary = common.summarize(results, [*metrics, "fit_s", *by_type])
     summary.to_csv(output / "summary.csv", index=False)
     title = f"{args.category}, {args.image_size} px, {len(args.seeds)} seed(s)"
     common.bar_plot(summary, metrics, output / "metrics.png", title)
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Mean ± sample std over seeds {args.seeds}; `fit_s` includes one validation pass over the test "
             f"images. {common.METRICS_NOTE} {common.RD_NOTE}"
         ),
+        common.type_table(summary),
         "![metrics](metrics.png)",
     ]
     peers = summary[summary.model != "TDAD"].sort_values("image AUROC_mean", ascending=False)

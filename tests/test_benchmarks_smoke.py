@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 MODEL_LABELS = ["TDAD", "RD (TDAD λs=λd=0, same teacher)", "PatchCore", "STFPM", "PaDiM"]
 ABLATION_LABELS = ["GKD", "GKD+SCD", "GKD+DMD", "GKD+SCD+DMD"]
 METRICS = ["image AUROC", "pixel AUROC", "PRO"]
+TYPE_PREFIX = "pixel AUROC · "
 TINY = ["--category", "brick", "--image-size", "64", "--batch-size", "4", "--seeds", "0", "--max-epochs", "1"]
 MVTEC_CATEGORIES = {
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
@@ -63,10 +65,38 @@ def test_compare_writes_one_row_per_model(tiny_root: Path, tmp_path: Path) -> No
     assert results.model.tolist() == MODEL_LABELS
     assert results.error.isna().all()
     assert_scores(results, METRICS)
+    defect_types = sorted(path.name for path in (tiny_root / "brick" / "test").iterdir() if path.name != "good")
+    by_type = [column.removeprefix(TYPE_PREFIX) for column in results.columns if column.startswith(TYPE_PREFIX)]
+    assert by_type == defect_types
+    assert_scores(results, [TYPE_PREFIX + kind for kind in defect_types])
     assert pd.read_csv(output / "summary.csv").model.tolist() == MODEL_LABELS
-    assert_report(output / "report.md", [*MODEL_LABELS, *METRICS, "heatmaps.png"])
+    assert_report(output / "report.md", [*MODEL_LABELS, *METRICS, *defect_types, "by defect type", "heatmaps.png"])
     assert_png(output / "metrics.png")
     assert_png(output / "heatmaps.png")
+
+
+def test_pixel_auroc_by_type_scores_each_defect_type_against_the_good_images() -> None:
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import common
+
+    def batch(kind: str, inside: float) -> tuple[SimpleNamespace, SimpleNamespace]:
+        masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+        maps = torch.full((2, 1, 16, 16), 100.0)  # raw values far outside [0, 1], as PaDiM's are
+        if kind != "good":
+            masks[:, 4:8, 4:8] = True
+            maps[:, 0, 4:8, 4:8] = inside
+        paths = [f"root/test/{kind}/{index}.png" for index in range(2)]
+        return SimpleNamespace(anomaly_map=maps, gt_mask=masks), SimpleNamespace(image_path=paths)
+
+    collector = common._TestMapCollector()  # noqa: SLF001
+    for kind, inside in [("good", 0.0), ("found", 1000.0), ("missed", 0.0), ("good", 0.0)]:
+        outputs, images = batch(kind, inside)
+        collector.on_test_batch_end(None, None, outputs, images, 0)
+    scores = collector.pixel_auroc_by_type()
+    assert scores == pytest.approx({f"{TYPE_PREFIX}found": 1.0, f"{TYPE_PREFIX}missed": 0.0})
+    assert common.TYPE_PREFIX == TYPE_PREFIX
 
 
 def test_ablation_writes_one_row_per_loss_configuration(tiny_root: Path, tmp_path: Path) -> None:

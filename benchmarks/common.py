@@ -260,7 +260,7 @@ class _TestMapCollector(Callback):
         maps = outputs.anomaly_map.detach().float().reshape(-1, 1, *outputs.anomaly_map.shape[-2:])
         if maps.shape[-2:] != masks.shape[-2:]:
             maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        self.maps.append(maps[:, 0].cpu())  # raw maps can exceed float16 (PaDiM: > 65504)
+        self.maps.append(maps[:, 0].cpu())
         self.masks.append(masks.cpu())
         self.types += [Path(path).parent.name for path in batch.image_path]
 
@@ -366,9 +366,13 @@ def run_jobs(
             rows.append(row)
             pd.DataFrame(rows).to_csv(output / "results.csv", index=False)
     frame = pd.DataFrame(rows)
-    by_type = [column for column in frame.columns if column.startswith(TYPE_PREFIX)]
     columns = ["model", "seed", "epochs", "train_images", "test_images", *METRICS.values(), "fit_s", "test_s", "error"]
-    return frame.reindex(columns=[*columns, *by_type])
+    return frame.reindex(columns=[*columns, *type_columns(frame)])
+
+
+def type_columns(results: pd.DataFrame) -> list[str]:
+    """The per-defect-type pixel AUROC columns of a results table (``TYPE_PREFIX + type``)."""
+    return [column for column in results.columns if column.startswith(TYPE_PREFIX)]
 
 
 # ------------------------------------------------------------------------------------------- arguments

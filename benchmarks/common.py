@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 
 warnings.filterwarnings("ignore")  # before anomalib's imports, which warn about optional components
 
@@ -187,7 +187,7 @@ class DataConfig:
     test_limit: int = 0
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataConfig":
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
         """The options that :func:`add_data_args` added to a parser."""
         return cls(args.root, args.category, args.batch_size, args.num_workers, args.train_limit, args.test_limit)
 
@@ -541,15 +541,19 @@ def summary_table(summary: pd.DataFrame, columns: Sequence[str], by: str = "mode
 
 def type_table(summary: pd.DataFrame, by: str = "model") -> str:
     """Markdown table of the per-defect-type pixel AUROC (``mean ± std``), or ``""`` when there is none."""
-    kinds = [c.removesuffix("_mean").removeprefix(TYPE_PREFIX) for c in summary.columns
-             if c.startswith(TYPE_PREFIX) and c.endswith("_mean")]
+    kinds = [
+        c.removesuffix("_mean").removeprefix(TYPE_PREFIX)
+        for c in summary.columns
+        if c.startswith(TYPE_PREFIX) and c.endswith("_mean")
+    ]
     if not kinds:
         return ""
-    rows = [[row[by], *(mean_std(row[f"{TYPE_PREFIX}{k}_mean"], row[f"{TYPE_PREFIX}{k}_std"]) for k in kinds)]
-            for _, row in summary.iterrows()]
-    return (
-        "Pixel AUROC by defect type (each type's test images together with the good ones):\n\n"
-        + markdown_table([by, *kinds], rows)
+    rows = [
+        [row[by], *(mean_std(row[f"{TYPE_PREFIX}{k}_mean"], row[f"{TYPE_PREFIX}{k}_std"]) for k in kinds)]
+        for _, row in summary.iterrows()
+    ]
+    return "Pixel AUROC by defect type (each type's test images together with the good ones):\n\n" + markdown_table(
+        [by, *kinds], rows
     )
 
 
@@ -580,7 +584,7 @@ def write_report(path: Path, title: str, sections: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib as mpl
 
@@ -592,7 +596,7 @@ def _pyplot() -> Any:
 
 def bar_plot(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str, by: str = "model") -> None:
     """Grouped bars: one group per metric, one bar per model, error bars = std over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     width = 0.8 / max(1, len(summary))
     fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(columns), 4))
     for index, (_, row) in enumerate(summary.iterrows()):
@@ -640,7 +644,7 @@ def heatmap_sheet(
     names: Sequence[str], images: torch.Tensor, masks: torch.Tensor, maps: dict[str, np.ndarray], path: Path
 ) -> None:
     """One row per image: image | ground truth | each model's map over the image."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = ["image", "ground truth", *maps]
     fig, axes = plt.subplots(len(names), len(columns), figsize=(2.6 * len(columns), 2.6 * len(names)), squeeze=False)
     for row, name in enumerate(names):

@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     epoch_list = ", ".join(f"{common.LABELS[key]} {epochs(key)}" for key in args.models)
     sections = [
         common.data_note(args, results)
-        + f" Teacher `{common.TEACHER}` for every model: levels {', '.join(common.TDAD_LAYERS)} for TDAD and RD (unless "
-        f"overridden below), {', '.join(common.PEER_LAYERS)} for STFPM and PaDiM ({common.PADIM_FEATURES} features); {', '.join(common.PATCHCORE_LAYERS)} for PatchCore "
+        + f" Teacher `{common.TEACHER}` for every model: levels {', '.join(common.TDAD_LAYERS)} for TDAD and RD "
+        f"(unless overridden below), {', '.join(common.PEER_LAYERS)} for STFPM and PaDiM "
+        f"({common.PADIM_FEATURES} features); {', '.join(common.PATCHCORE_LAYERS)} for PatchCore "
         f"(coreset ratio {args.coreset_ratio}). Epochs: {epoch_list}."
         + (f" Extra TDAD arguments: `{tdad_args}`." if tdad_args else ""),
         common.summary_table(summary, metrics, extra=["fit_s"]),

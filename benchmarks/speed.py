@@ -22,6 +22,7 @@ Example (smoke run)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import math
@@ -34,12 +35,12 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: N812
 from anomalib.callbacks import ModelCheckpoint
 from anomalib.engine import Engine
 from anomalib.models import AnomalibModule
@@ -70,7 +71,8 @@ METHOD_NOTE = (
     "Training time is one epoch over the training images without validation (PatchCore: feature extraction plus "
     "coreset selection, which grows with the square of the number of patches). Eager inference times the whole "
     "anomalib model (pre-processing, network, post-processing) in `torch.inference_mode`; OpenVINO times the model "
-    "exported by anomalib's `to_openvino` (the teacher alone: `openvino.convert_model`), compiled in f32. Each inference "
+    "exported by anomalib's `to_openvino` (the teacher alone: `openvino.convert_model`), compiled in f32. Each "
+    "inference "
     f"speed is the best of {REPEATS} passes over the timed images, the pass least disturbed by other processes. Memory "
     "(`*_mem_mb`) is the process's peak RSS during the phase (Linux's high-water mark, reset at the phase start) "
     "minus its RSS just before the model was built (`base_rss_mb`: libraries and data, freed earlier models "
@@ -106,12 +108,11 @@ def rss_mb() -> float:
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS, so each phase starts from what is really in use."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
+@final
 class PeakRSS:
     """Peak RSS in MB during a ``with`` block.
 
@@ -232,9 +233,7 @@ class TeacherOnly(nn.Module):
         from anomalib_tdad import Tdad
 
         self.pre_processor = Tdad.configure_pre_processor(image_size=(image_size, image_size))
-        self.teacher = TimmFeatureExtractor(
-            backbone=common.TEACHER, layers=common.TDAD_LAYERS, pre_trained=True
-        ).eval()
+        self.teacher = TimmFeatureExtractor(backbone=common.TEACHER, layers=common.TDAD_LAYERS, pre_trained=True).eval()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Teacher features, finest level first."""
@@ -377,7 +376,7 @@ def stream(args: argparse.Namespace, data: common.DataConfig, output: Path) -> p
                 rows.append({"images": done, "rss_mb": rss_mb()})
     trace = pd.DataFrame(rows)
     trace.to_csv(output / "stream.csv", index=False)
-    plt = common._pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(trace.images, trace.rss_mb)
     ax.set(
@@ -504,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             f"images timed for inference, {args.image_size}×{args.image_size} px, batch size {args.batch_size}, "
             f"{args.threads} torch/OpenVINO thread(s), {args.num_workers} data loader workers. Teacher "
             f"`{common.TEACHER}` for every model (TDAD: {', '.join(common.TDAD_LAYERS)}; STFPM: "
-            f"{', '.join(common.PEER_LAYERS)}; PatchCore: {', '.join(common.PATCHCORE_LAYERS)}); PatchCore coreset ratio "
-            f"{args.coreset_ratio}."
+            f"{', '.join(common.PEER_LAYERS)}; PatchCore: {', '.join(common.PATCHCORE_LAYERS)}); "
+            f"PatchCore coreset ratio {args.coreset_ratio}."
         ),
         "## Absolute numbers (this device and thread count only)\n\n"
         + common.markdown_table(["model", *COLUMNS], cells),

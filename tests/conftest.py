@@ -24,7 +24,11 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_anomalib(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed ``anomalib`` command; fail the test with its output if it exits non-zero."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([ANOMALIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        [ANOMALIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if result.returncode != 0:
-        pytest.fail(f"anomalib {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        pytest.fail(
+            f"anomalib {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result

@@ -5,11 +5,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_anomalib
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-FAST = ("--data.num_workers", "0", "--data.train_batch_size", "8", "--data.eval_batch_size", "8", "--trainer.max_epochs", "1")
+FAST = (
+    "--data.num_workers",
+    "0",
+    "--data.train_batch_size",
+    "8",
+    "--data.eval_batch_size",
+    "8",
+    "--trainer.max_epochs",
+    "1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +25,21 @@ def trained(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """Train with the old dataset name ``MVTec`` and a loss weight from the command line; return (workdir, ckpt)."""
     workdir = tmp_path_factory.mktemp("cli")
     result = run_anomalib(
-        "train", "--model", "Tdad", "--model.lambda_dmd", "0.5", "--data", "MVTec",
-        "--data.root", str(tiny_root), "--data.category", "brick", *FAST, "--default_root_dir", "results", cwd=workdir,
+        "train",
+        "--model",
+        "Tdad",
+        "--model.lambda_dmd",
+        "0.5",
+        "--data",
+        "MVTec",
+        "--data.root",
+        str(tiny_root),
+        "--data.category",
+        "brick",
+        *FAST,
+        "--default_root_dir",
+        "results",
+        cwd=workdir,
     )
     assert "image_AUROC" in result.stdout
     checkpoints = list(workdir.glob("results/Tdad/MVTec/brick/v0/weights/lightning/model.ckpt"))
@@ -36,9 +57,25 @@ def test_train_saves_the_hyper_parameters_given_on_the_command_line(trained: tup
 
 def test_train_with_dotted_model_path_and_yaml_config(tiny_root: Path, tmp_path: Path) -> None:
     result = run_anomalib(
-        "train", "--config", str(CONFIGS / "rd_baseline.yaml"), "--model", "anomalib_tdad.Tdad",
-        "--model.lambda_scd", "0", "--model.lambda_dmd", "0", "--data.root", str(tiny_root),
-        "--data.category", "brick", *FAST, "--trainer.limit_train_batches", "1", "--default_root_dir", "results", cwd=tmp_path,
+        "train",
+        "--config",
+        str(CONFIGS / "rd_baseline.yaml"),
+        "--model",
+        "anomalib_tdad.Tdad",
+        "--model.lambda_scd",
+        "0",
+        "--model.lambda_dmd",
+        "0",
+        "--data.root",
+        str(tiny_root),
+        "--data.category",
+        "brick",
+        *FAST,
+        "--trainer.limit_train_batches",
+        "1",
+        "--default_root_dir",
+        "results",
+        cwd=tmp_path,
     )
     assert "pixel_AUROC" in result.stdout
 
@@ -46,8 +83,22 @@ def test_train_with_dotted_model_path_and_yaml_config(tiny_root: Path, tmp_path:
 def test_test_command_reports_metrics(trained: tuple[Path, Path], tiny_root: Path) -> None:
     workdir, checkpoint = trained
     result = run_anomalib(
-        "test", "--model", "Tdad", "--data", "MVTecAD", "--data.root", str(tiny_root), "--data.category", "brick",
-        "--data.num_workers", "0", "--ckpt_path", str(checkpoint), "--default_root_dir", "results", cwd=workdir,
+        "test",
+        "--model",
+        "Tdad",
+        "--data",
+        "MVTecAD",
+        "--data.root",
+        str(tiny_root),
+        "--data.category",
+        "brick",
+        "--data.num_workers",
+        "0",
+        "--ckpt_path",
+        str(checkpoint),
+        "--default_root_dir",
+        "results",
+        cwd=workdir,
     )
     assert "image_AUROC" in result.stdout and "pixel_AUROC" in result.stdout
 
@@ -55,18 +106,41 @@ def test_test_command_reports_metrics(trained: tuple[Path, Path], tiny_root: Pat
 def test_predict_on_an_image_folder_writes_heatmaps(trained: tuple[Path, Path], tiny_root: Path) -> None:
     workdir, checkpoint = trained
     folder = tiny_root / "brick" / "test" / "hole"
-    run_anomalib("predict", "--model", "Tdad", "--data", str(folder), "--ckpt_path", str(checkpoint),
-                 "--default_root_dir", "predictions", cwd=workdir)
+    run_anomalib(
+        "predict",
+        "--model",
+        "Tdad",
+        "--data",
+        str(folder),
+        "--ckpt_path",
+        str(checkpoint),
+        "--default_root_dir",
+        "predictions",
+        cwd=workdir,
+    )
     written = list((workdir / "predictions").rglob("*.png"))
     assert len(written) == len(list(folder.glob("*.png")))
 
 
-@pytest.mark.parametrize(("export_type", "artifact"), [("torch", "torch/model.pt"), ("onnx", "onnx/model.onnx"), ("openvino", "openvino/model.xml")])
+@pytest.mark.parametrize(
+    ("export_type", "artifact"),
+    [("torch", "torch/model.pt"), ("onnx", "onnx/model.onnx"), ("openvino", "openvino/model.xml")],
+)
 def test_export(trained: tuple[Path, Path], export_type: str, artifact: str) -> None:
     workdir, checkpoint = trained
     root = workdir / f"export_{export_type}"
-    run_anomalib("export", "--model", "Tdad", "--export_type", export_type, "--ckpt_path", str(checkpoint),
-                 "--export_root", str(root), cwd=workdir)
+    run_anomalib(
+        "export",
+        "--model",
+        "Tdad",
+        "--export_type",
+        export_type,
+        "--ckpt_path",
+        str(checkpoint),
+        "--export_root",
+        str(root),
+        cwd=workdir,
+    )
     assert (root / "weights" / artifact).stat().st_size > 100_000
 
 
@@ -76,8 +150,16 @@ def test_benchmark_config_with_bare_class_path(tiny_root: Path, tmp_path: Path) 
         "benchmark": {
             "seed": 42,
             "model": {"class_path": "Tdad", "init_args": {"default_epochs": 1, "lambda_dmd": {"grid": [0.0, 1.0]}}},
-            "data": {"class_path": "MVTecAD", "init_args": {"root": str(tiny_root), "category": "brick", "num_workers": 0,
-                                                            "train_batch_size": 8, "eval_batch_size": 8}},
+            "data": {
+                "class_path": "MVTecAD",
+                "init_args": {
+                    "root": str(tiny_root),
+                    "category": "brick",
+                    "num_workers": 0,
+                    "train_batch_size": 8,
+                    "eval_batch_size": 8,
+                },
+            },
         },
     }
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))

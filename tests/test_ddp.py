@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = r'''
+SCRIPT = r"""
 import hashlib, json, os, sys
 from pathlib import Path
 
@@ -74,7 +74,7 @@ if engine.trainer.global_rank == 0:
     with torch.no_grad():
         result["scores"] = model.model(model.pre_processor.transform(images)).pred_score.tolist()
 (out / f"rank{engine.trainer.global_rank}.json").write_text(json.dumps(result))
-'''
+"""
 
 
 def train(tmp_path: Path, root: Path, devices: int, batch_size: int) -> dict[int, dict]:
@@ -86,7 +86,12 @@ def train(tmp_path: Path, root: Path, devices: int, batch_size: int) -> dict[int
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [sys.executable, str(script), str(root), str(out), str(devices), str(batch_size)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)}

@@ -26,7 +26,14 @@ def exported(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     model.to_onnx(root, input_size=SIZE)
     model.to_openvino(root, input_size=SIZE)
     paths = sorted((tiny_root / "brick" / "test").rglob("*.png"))[:4]
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize(SIZE), dtype=np.float32) / 255).permute(2, 0, 1) for p in paths])
+    images = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize(SIZE), dtype=np.float32) / 255).permute(
+                2, 0, 1
+            )
+            for p in paths
+        ]
+    )
     return model.eval(), root, images
 
 
@@ -51,7 +58,9 @@ def test_onnx_matches_torch(exported: tuple[Tdad, Path, torch.Tensor]) -> None:
     import onnxruntime
 
     model, root, images = exported
-    session = onnxruntime.InferenceSession(str(root / "weights" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(root / "weights" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     names = [output.name for output in session.get_outputs()]
     outputs = _by_name(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}))
     _assert_close(_torch_outputs(model, images), outputs)
@@ -61,7 +70,9 @@ def test_openvino_matches_torch_at_f32(exported: tuple[Tdad, Path, torch.Tensor]
     import openvino as ov
 
     model, root, images = exported
-    compiled = ov.Core().compile_model(str(root / "weights" / "openvino" / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(
+        str(root / "weights" / "openvino" / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     result = compiled(images.numpy())
     outputs = {output.get_any_name(): result[output] for output in compiled.outputs}
     _assert_close(_torch_outputs(model, images), outputs)

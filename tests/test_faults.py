@@ -79,7 +79,7 @@ def test_non_finite_weights_are_never_checkpointed(tiny_root: Path, tmp_path: Pa
     """Weights that turn NaN in an epoch's last step (its loss still finite) are caught when the checkpoint is saved."""
 
     class PoisonLastStep(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if batch_idx == 3:
                 with torch.no_grad():
                     pl_module.model.student.decoder.heads[0].weight.fill_(float("nan"))
@@ -100,8 +100,11 @@ def test_training_without_validation_still_checkpoints(tiny_root: Path, tmp_path
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.isnan(state["post_processor._image_threshold"]).all()  # unfitted, as anomalib leaves it
-    assert all(torch.isfinite(value).all() for name, value in state.items()
-               if name.startswith("model.") and value.is_floating_point())
+    assert all(
+        torch.isfinite(value).all()
+        for name, value in state.items()
+        if name.startswith("model.") and value.is_floating_point()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- kill and resume
@@ -189,8 +192,9 @@ def test_killed_training_resumes_from_last_checkpoint_like_an_uninterrupted_run(
     assert resumed_result["global_step"] == full_result["global_step"] == 12
     # The checkpoint carries the RNG state, so the resumed run even draws the same synthetic anomalies:
     # the model equals the uninterrupted one (allow float noise only).
-    torch.testing.assert_close(torch.tensor(resumed_result["scores"]), torch.tensor(full_result["scores"]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(resumed_result["scores"]), torch.tensor(full_result["scores"]), rtol=1e-5, atol=1e-5
+    )
     full_state = torch.load(full / "final_state.pt", weights_only=True)
     resumed_state = torch.load(resumed / "final_state.pt", weights_only=True)
     for name, value in full_state.items():

@@ -21,7 +21,9 @@ def test_anomaly_map_is_higher_inside_planted_defects(tmp_path: Path) -> None:
     predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     inside, outside, good_scores, bad_scores = [], [], [], []
     for batch in predictions:
-        for anomaly_map, mask, label, score in zip(batch.anomaly_map, batch.gt_mask, batch.gt_label, batch.pred_score, strict=True):
+        for anomaly_map, mask, label, score in zip(
+            batch.anomaly_map, batch.gt_mask, batch.gt_label, batch.pred_score, strict=True
+        ):
             (bad_scores if label else good_scores).append(score.item())
             if label:
                 mask = mask.bool().reshape(anomaly_map.shape[-2:])

@@ -1,12 +1,16 @@
 """Semantics of the three distillation losses on small tensors."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
 from anomalib_tdad.models.tdad.loss import TdadLoss, cosine_distance
 
 
-def _features(seed: int, sizes: tuple[int, ...] = (8, 4, 2), channels: tuple[int, ...] = (6, 10, 12)) -> list[torch.Tensor]:
+def _features(
+    seed: int, sizes: tuple[int, ...] = (8, 4, 2), channels: tuple[int, ...] = (6, 10, 12)
+) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(2, c, s, s, generator=generator) for c, s in zip(channels, sizes, strict=True)]
 
@@ -19,7 +23,10 @@ def _rotate_away(features: list[torch.Tensor], angle: float) -> list[torch.Tenso
         orthogonal = torch.roll(unit, shifts=1, dims=1)
         orthogonal = orthogonal - (orthogonal * unit).sum(1, keepdim=True) * unit
         orthogonal = orthogonal / orthogonal.norm(dim=1, keepdim=True)
-        rotated.append(f.norm(dim=1, keepdim=True) * (torch.cos(torch.tensor(angle)) * unit + torch.sin(torch.tensor(angle)) * orthogonal))
+        rotated.append(
+            f.norm(dim=1, keepdim=True)
+            * (torch.cos(torch.tensor(angle)) * unit + torch.sin(torch.tensor(angle)) * orthogonal)
+        )
     return rotated
 
 
@@ -65,7 +72,7 @@ def test_dmd_falls_as_discrepancy_grows_and_is_zero_past_the_margin() -> None:
     for angle in (0.0, 0.3, 0.6, 0.9):  # cosine distance 1 - cos(angle): 0, 0.045, 0.175, 0.378
         student = _rotate_away(teacher, angle)
         values.append(loss(teacher, student, teacher, student, mask)[1]["dmd"].item())
-    assert all(later < earlier for earlier, later in zip(values, values[1:]))
+    assert all(later < earlier for earlier, later in pairwise(values))
     student = _rotate_away(teacher, 1.2)  # distance 0.638 > margin
     assert loss(teacher, student, teacher, student, mask)[1]["dmd"].item() == pytest.approx(0, abs=1e-6)
 
@@ -104,7 +111,10 @@ def test_plain_distillation_needs_no_corruption() -> None:
     assert set(terms) == {"gkd"} and total > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"lambda_gkd": -1.0}, {"lambda_gkd": 0, "lambda_scd": 0, "lambda_dmd": 0}, {"margin": 0.0}, {"margin": 2.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"lambda_gkd": -1.0}, {"lambda_gkd": 0, "lambda_scd": 0, "lambda_dmd": 0}, {"margin": 0.0}, {"margin": 2.5}],
+)
 def test_invalid_weights_are_rejected(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="must"):
         TdadLoss(**kwargs)

@@ -106,7 +106,9 @@ def test_training_steps_reduce_the_loss() -> None:
 
 
 def test_plain_reverse_distillation_skips_the_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_scd=0, lambda_dmd=0)
+    model = Tdad(
+        backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_scd=0, lambda_dmd=0
+    )
     monkeypatch.setattr(model.corruption, "forward", lambda *_: pytest.fail("corruption ran"))
     model.model.train()
     _, terms = model.compute_loss(torch.randn(2, 3, 64, 64))
@@ -115,8 +117,13 @@ def test_plain_reverse_distillation_skips_the_corruption(monkeypatch: pytest.Mon
 
 def test_corruption_changes_pixels_only_inside_its_mask() -> None:
     torch.manual_seed(0)
-    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False,
-                 perlin_probability=1.0, mask_probability=1.0)
+    model = Tdad(
+        backbone="resnet18",
+        layers=("layer1", "layer2", "layer3"),
+        pre_trained=False,
+        perlin_probability=1.0,
+        mask_probability=1.0,
+    )
     images = (torch.rand(4, 3, 64, 64) - model.corruption.mean) / model.corruption.std
     corrupted, mask = model.corruption(images)
     assert mask.shape == (4, 1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -153,8 +160,13 @@ def test_bad_shading_arguments_get_clear_errors(kwargs: dict, message: str) -> N
 def test_a_non_finite_synthetic_anomaly_leaves_its_image_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     """anomalib's texture augmenters can return NaN pixels (torchvision's hue jitter below 0): never pass them on."""
     torch.manual_seed(0)
-    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False,
-                 perlin_probability=1.0, mask_probability=0.0)
+    model = Tdad(
+        backbone="resnet18",
+        layers=("layer1", "layer2", "layer3"),
+        pre_trained=False,
+        perlin_probability=1.0,
+        mask_probability=0.0,
+    )
     perlin = model.corruption.perlin.forward
 
     def nan_in_second_image(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,20 +184,30 @@ def test_a_non_finite_synthetic_anomaly_leaves_its_image_clean(monkeypatch: pyte
 
 
 def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
-    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_dmd=0.0, margin=0.3)
+    model = Tdad(
+        backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_dmd=0.0, margin=0.3
+    )
     assert model.hparams["lambda_dmd"] == 0.0 and model.hparams["margin"] == 0.3
     assert model.hparams["backbone"] == "resnet18"
 
 
-def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -> None:  # noqa: ANN001
+def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -> None:
     from anomalib.data import MVTecAD
     from lightning.pytorch import Trainer
 
     def epochs_trained(**trainer_kwargs: int) -> int:
         model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, default_epochs=2)
         datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
-        trainer = Trainer(limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, callbacks=model.configure_callbacks(), **trainer_kwargs)
+        trainer = Trainer(
+            limit_train_batches=1,
+            limit_val_batches=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=model.configure_callbacks(),
+            **trainer_kwargs,
+        )
         trainer.fit(model, datamodule=datamodule)
         return trainer.current_epoch
 
@@ -240,15 +262,22 @@ def test_standardized_map_peaks_at_the_defect_not_where_the_student_is_always_po
     assert statistics([test])[0].flatten().argmax().item() == 8 * 16 + 8  # standardized: the defect wins
 
 
-def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoint(tiny_root, tmp_path) -> None:  # noqa: ANN001
+def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoint(tiny_root, tmp_path) -> None:
     from anomalib.data import MVTecAD
     from lightning.pytorch import Trainer
 
     kwargs = {"backbone": "resnet18", "layers": ("layer1", "layer2", "layer3"), "pre_trained": False}
     model = Tdad(**kwargs, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
     datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, callbacks=model.configure_callbacks(), default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=model.configure_callbacks(),
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=datamodule)
     statistics = model.model.anomaly_map_generator.statistics
     shapes = [tuple(statistics.statistics(level)[0].shape) for level in range(3)]
@@ -268,7 +297,9 @@ def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoi
         assert not torch.allclose(raw.model(images).anomaly_map, expected.anomaly_map)
 
 
-def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode(tiny_root, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode(
+    tiny_root, tmp_path, monkeypatch
+) -> None:
     from anomalib.data import MVTecAD
     from lightning.pytorch import Trainer
 
@@ -276,13 +307,27 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
 
     counts: list[int] = []
     fit = LevelStatistics.fit
-    monkeypatch.setattr(LevelStatistics, "fit", lambda self, s, q, count: (counts.append(count), fit(self, s, q, count)))
-    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False,
-                 pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+    monkeypatch.setattr(
+        LevelStatistics, "fit", lambda self, s, q, count: (counts.append(count), fit(self, s, q, count))
+    )
+    model = Tdad(
+        backbone="resnet18",
+        layers=("layer1", "layer2", "layer3"),
+        pre_trained=False,
+        pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)),
+    )
     datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=2, eval_batch_size=2, num_workers=0)
-    trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=model.configure_callbacks(),
-                      default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=model.configure_callbacks(),
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=datamodule)
     assert counts and set(counts) == {4}  # 2 batches of 2, not the 16 training images
 

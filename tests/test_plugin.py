@@ -11,7 +11,9 @@ from anomalib_tdad import _startup
 
 def _fresh_python(code: str) -> str:
     """Run ``code`` in a new interpreter of this environment (start-up hook active); return stdout."""
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip()
 
@@ -23,14 +25,20 @@ def test_entry_points_are_declared() -> None:
 
 def test_start_up_hook_costs_nothing_for_programs_without_anomalib() -> None:
     out = _fresh_python(
-        "import sys; print(sorted(m for m in ('torch', 'timm', 'anomalib', 'anomalib_tdad.models', 'anomalib_tdad._startup') if m in sys.modules))"
+        "import sys; print(sorted(m for m in ('torch', 'timm', 'anomalib', 'anomalib_tdad.models', "
+        "'anomalib_tdad._startup') if m in sys.modules))"
     )
     assert out == "['anomalib_tdad._startup']"
 
 
 @pytest.mark.parametrize(
     "first_import",
-    ["import anomalib.models", "import anomalib_tdad; anomalib_tdad.Tdad", "import anomalib_tdad.models.tdad.torch_model", "import timm"],
+    [
+        "import anomalib.models",
+        "import anomalib_tdad; anomalib_tdad.Tdad",
+        "import anomalib_tdad.models.tdad.torch_model",
+        "import timm",
+    ],
 )
 def test_anomalib_finds_tdad_whatever_is_imported_first(first_import: str) -> None:
     out = _fresh_python(

@@ -279,8 +279,18 @@ def test_predict_folder_skips_non_image_files(tiny_root: Path, tmp_path: Path, c
     (folder / "Thumbs.db").write_bytes(os.urandom(64))
     (folder / ".DS_Store").write_bytes(os.urandom(64))
     (folder / "readme").write_text("no extension\n")
-    result = run_cli("predict", "--model", "Tdad", "--ckpt_path", str(checkpoint), "--data", str(folder),
-                     "--default_root_dir", str(tmp_path / "results"), cwd=tmp_path)
+    result = run_cli(
+        "predict",
+        "--model",
+        "Tdad",
+        "--ckpt_path",
+        str(checkpoint),
+        "--data",
+        str(folder),
+        "--default_root_dir",
+        str(tmp_path / "results"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     written = sorted(p.relative_to(tmp_path / "results").parts[-2:] for p in (tmp_path / "results").rglob("*.png"))
     assert written == [("incoming", "000.png"), ("incoming", "001.png"), ("sub", "002.png")]
@@ -292,8 +302,18 @@ def test_predict_folder_with_a_broken_image_names_it(tiny_root: Path, tmp_path: 
     folder.mkdir()
     shutil.copy(tiny_root / "brick" / "test" / "good" / "000.png", folder / "000.png")
     (folder / "001.png").write_text("not an image\n")
-    result = run_cli("predict", "--model", "Tdad", "--ckpt_path", str(checkpoint), "--data", str(folder),
-                     "--default_root_dir", str(tmp_path / "results"), cwd=tmp_path)
+    result = run_cli(
+        "predict",
+        "--model",
+        "Tdad",
+        "--ckpt_path",
+        str(checkpoint),
+        "--data",
+        str(folder),
+        "--default_root_dir",
+        str(tmp_path / "results"),
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())
     assert f"UnidentifiedImageError: cannot identify image file '{folder / '001.png'}'" in output
@@ -320,10 +340,24 @@ def test_cli_checkpoint_from_another_backbone_is_refused_and_nothing_written(
 ) -> None:
     before = sha256(checkpoint)
     results = tmp_path / "results"
-    result = run_cli("predict", "--model", "Tdad", "--model.backbone", "resnet18", "--model.layers",
-                     "[layer1,layer2,layer3]", "--model.pre_trained", "false", "--ckpt_path", str(checkpoint),
-                     "--data", str(tiny_root / "brick" / "test" / "good"), "--default_root_dir", str(results),
-                     cwd=tmp_path)
+    result = run_cli(
+        "predict",
+        "--model",
+        "Tdad",
+        "--model.backbone",
+        "resnet18",
+        "--model.layers",
+        "[layer1,layer2,layer3]",
+        "--model.pre_trained",
+        "false",
+        "--ckpt_path",
+        str(checkpoint),
+        "--data",
+        str(tiny_root / "brick" / "test" / "good"),
+        "--default_root_dir",
+        str(results),
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())
     layers = list(inspect.signature(Tdad).parameters["layers"].default)  # the checkpoint was trained with these
@@ -345,9 +379,26 @@ def test_cli_truncated_checkpoint_is_a_clear_error_and_nothing_overwritten(
     previous = {p: sha256(p) for p in results.rglob("*") if p.is_file()}
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 3])
-    result = run_cli("train", "--model", "Tdad", "--data", "MVTecAD", "--data.root", str(tiny_root),
-                     "--data.category", "brick", "--data.num_workers", "0", "--trainer.max_epochs", "1",
-                     "--ckpt_path", str(truncated), "--default_root_dir", str(results), cwd=tmp_path)
+    result = run_cli(
+        "train",
+        "--model",
+        "Tdad",
+        "--data",
+        "MVTecAD",
+        "--data.root",
+        str(tiny_root),
+        "--data.category",
+        "brick",
+        "--data.num_workers",
+        "0",
+        "--trainer.max_epochs",
+        "1",
+        "--ckpt_path",
+        str(truncated),
+        "--default_root_dir",
+        str(results),
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())
     assert f"Restoring states from the checkpoint path at {truncated}" in output

@@ -57,7 +57,9 @@ def test_anomalib_peers_get_the_same_offline_weights() -> None:
     assert torch.equal(extractor.conv_stem.weight, converted["conv_stem.weight"])
 
 
-def test_conversion_is_cached_and_survives_a_read_only_cache(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_conversion_is_cached_and_survives_a_read_only_cache(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ANOMALIB_TDAD_CACHE", str(tmp_path / "cache"))
     first = weights.lite0_weights_file()
     assert first.parent == tmp_path / "cache" and first.is_file()
@@ -101,7 +103,9 @@ def test_unknown_backbone_is_reported() -> None:
 
 
 def test_pretrained_teacher_features_differ_from_random() -> None:
-    images = torch.from_numpy(np.asarray(data.brick(), dtype=np.float32) / 255)[None, None].expand(1, 3, -1, -1)[..., :128, :128]
+    images = torch.from_numpy(np.asarray(data.brick(), dtype=np.float32) / 255)[None, None].expand(1, 3, -1, -1)[
+        ..., :128, :128
+    ]
     pretrained = TdadModel("tf_efficientnet_lite0", ("blocks.1", "blocks.2", "blocks.4"), pre_trained=True)
     random = TdadModel("tf_efficientnet_lite0", ("blocks.1", "blocks.2", "blocks.4"), pre_trained=False)
     assert not torch.allclose(pretrained.teacher_features(images)[0], random.teacher_features(images)[0])

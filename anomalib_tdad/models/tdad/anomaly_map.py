@@ -87,7 +87,9 @@ class AnomalyMapGenerator(nn.Module):
         super().__init__()
         weights = [1.0] * levels if level_weights is None else [float(weight) for weight in level_weights]
         if len(weights) != levels or min(weights) < 0 or sum(weights) == 0:
-            msg = f"level_weights must be {levels} non-negative numbers, not all 0 (one per layer), got {level_weights}."
+            msg = (
+                f"level_weights must be {levels} non-negative numbers, not all 0 (one per layer), got {level_weights}."
+            )
             raise ValueError(msg)
         self.level_weights = weights
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1

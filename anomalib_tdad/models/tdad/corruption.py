@@ -46,15 +46,21 @@ class Corruption(nn.Module):
         shade_gain: tuple[float, float] = (1.2, 2.0),
     ) -> None:
         super().__init__()
-        for name, value in {"perlin_probability": perlin_probability, "mask_probability": mask_probability,
-                            "mask_ratio": mask_ratio, "shade_ratio": shade_ratio}.items():
+        for name, value in {
+            "perlin_probability": perlin_probability,
+            "mask_probability": mask_probability,
+            "mask_ratio": mask_ratio,
+            "shade_ratio": shade_ratio,
+        }.items():
             if not 0 <= value <= 1:
                 msg = f"{name} must lie in [0, 1], got {value}."
                 raise ValueError(msg)
         if anomaly_source_path is not None and not Path(anomaly_source_path).is_dir():
             msg = f"anomaly_source_path {anomaly_source_path} is not a folder of texture images."
             raise FileNotFoundError(msg)
-        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean if mean is not None else [0.0]).view(1, -1, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0]).view(1, -1, 1, 1), persistent=False)
         self.perlin = PerlinAnomalyGenerator(anomaly_source_path=anomaly_source_path, probability=perlin_probability)
         if anomaly_source_path is not None and not self.perlin.anomaly_source_paths:

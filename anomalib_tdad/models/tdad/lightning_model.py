@@ -178,7 +178,9 @@ class Tdad(AnomalibModule):
         """Train ``default_epochs`` instead of Lightning's 1000 when no training length was set."""
         loop = self.trainer.fit_loop
         if loop.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and self.trainer.max_steps == -1:
-            logger.warning("No max_epochs given: TDAD trains %d epochs (set --trainer.max_epochs to change).", self.default_epochs)
+            logger.warning(
+                "No max_epochs given: TDAD trains %d epochs (set --trainer.max_epochs to change).", self.default_epochs
+            )
             loop.max_epochs = self.default_epochs
 
     def on_train_start(self) -> None:
@@ -207,12 +209,17 @@ class Tdad(AnomalibModule):
         super().on_save_checkpoint(checkpoint)
         # Only the network and its map statistics: anomalib's post-processor keeps NaN thresholds until a
         # validation pass fits them (e.g. with limit_val_batches=0), and anomalib saves those as they are.
-        broken = [name for name, value in checkpoint["state_dict"].items()
-                  if name.startswith("model.") and value.is_floating_point() and not torch.isfinite(value).all()]
+        broken = [
+            name
+            for name, value in checkpoint["state_dict"].items()
+            if name.startswith("model.") and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
         if broken:
-            msg = (f"TDAD's weights became non-finite ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}) at "
-                   f"global step {self.global_step} (epoch {self.current_epoch}); the checkpoint was not written. "
-                   "Check the input images for NaN/inf values, or lower the learning rate.")
+            msg = (
+                f"TDAD's weights became non-finite ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}) at "
+                f"global step {self.global_step} (epoch {self.current_epoch}); the checkpoint was not written. "
+                "Check the input images for NaN/inf values, or lower the learning rate."
+            )
             raise NonFiniteLossError(msg)
         checkpoint[RNG_STATE_KEY] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -221,32 +228,47 @@ class Tdad(AnomalibModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture by name; when resuming training, restore the RNG state."""
         saved = checkpoint.get("hyper_parameters", {})
-        differences = {name: (saved[name], self.hparams[name]) for name in ARCHITECTURE_HPARAMS
-                       if name in saved and name in self.hparams and _plain(saved[name]) != _plain(self.hparams[name])}
+        differences = {
+            name: (saved[name], self.hparams[name])
+            for name in ARCHITECTURE_HPARAMS
+            if name in saved and name in self.hparams and _plain(saved[name]) != _plain(self.hparams[name])
+        }
         if differences:
-            listed = "; ".join(f"{name}: checkpoint {_plain(old)!r}, this model {_plain(new)!r}"
-                               for name, (old, new) in differences.items())
+            listed = "; ".join(
+                f"{name}: checkpoint {_plain(old)!r}, this model {_plain(new)!r}"
+                for name, (old, new) in differences.items()
+            )
             fix = " ".join(f"--model.{name} {_cli(old)}" for name, (old, _) in differences.items())
-            msg = (f"The checkpoint does not fit this Tdad model ({listed}). Build the model with the checkpoint's "
-                   f"settings ({fix}), or load it with Tdad.load_from_checkpoint(path), which reads them from the "
-                   "file.")
+            msg = (
+                f"The checkpoint does not fit this Tdad model ({listed}). Build the model with the checkpoint's "
+                f"settings ({fix}), or load it with Tdad.load_from_checkpoint(path), which reads them from the "
+                "file."
+            )
             raise IncompatibleCheckpointError(msg)
         # The map statistics take the shape of the training maps: give the buffers the checkpoint's shapes.
         statistics = "model.anomaly_map_generator.statistics."
-        self.model.anomaly_map_generator.statistics.resize_buffers({
-            name.removeprefix(statistics): value.shape
-            for name, value in checkpoint.get("state_dict", {}).items() if name.startswith(statistics)
-        })
+        self.model.anomaly_map_generator.statistics.resize_buffers(
+            {
+                name.removeprefix(statistics): value.shape
+                for name, value in checkpoint.get("state_dict", {}).items()
+                if name.startswith(statistics)
+            }
+        )
         # Tdad.load_from_checkpoint(path, backbone=...) writes its overrides into the hyper-parameters: compare shapes.
         own = self.state_dict()
-        differing = [name for name, value in checkpoint.get("state_dict", {}).items()
-                     if name in own and own[name].shape != value.shape]
+        differing = [
+            name
+            for name, value in checkpoint.get("state_dict", {}).items()
+            if name in own and own[name].shape != value.shape
+        ]
         if differing:
-            msg = (f"The checkpoint's weights do not fit this Tdad model (backbone {self.hparams.backbone!r}, layers "
-                   f"{_plain(self.hparams.layers)!r}): {len(differing)} tensors differ in shape, e.g. {differing[0]} "
-                   f"(checkpoint {list(checkpoint['state_dict'][differing[0]].shape)}, this model "
-                   f"{list(own[differing[0]].shape)}). It was trained with another backbone, layers or embedding_dim; "
-                   "load it with Tdad.load_from_checkpoint(path) and no overrides, which reads them from the file.")
+            msg = (
+                f"The checkpoint's weights do not fit this Tdad model (backbone {self.hparams.backbone!r}, layers "
+                f"{_plain(self.hparams.layers)!r}): {len(differing)} tensors differ in shape, e.g. {differing[0]} "
+                f"(checkpoint {list(checkpoint['state_dict'][differing[0]].shape)}, this model "
+                f"{list(own[differing[0]].shape)}). It was trained with another backbone, layers or embedding_dim; "
+                "load it with Tdad.load_from_checkpoint(path) and no overrides, which reads them from the file."
+            )
             raise IncompatibleCheckpointError(msg)
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get(RNG_STATE_KEY)

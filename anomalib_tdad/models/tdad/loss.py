@@ -26,7 +26,9 @@ class TdadLoss(nn.Module):
     A term with weight 0 is not computed at all.
     """
 
-    def __init__(self, lambda_gkd: float = 1.0, lambda_scd: float = 1.0, lambda_dmd: float = 1.0, margin: float = 0.5) -> None:
+    def __init__(
+        self, lambda_gkd: float = 1.0, lambda_scd: float = 1.0, lambda_dmd: float = 1.0, margin: float = 0.5
+    ) -> None:
         super().__init__()
         if min(lambda_gkd, lambda_scd, lambda_dmd) < 0 or lambda_gkd + lambda_scd + lambda_dmd == 0:
             msg = f"Loss weights must be >= 0 and not all 0, got {(lambda_gkd, lambda_scd, lambda_dmd)}."

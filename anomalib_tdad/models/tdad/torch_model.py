@@ -66,7 +66,9 @@ class TdadModel(nn.Module):
         if pre_trained:
             check_pretrained_available(backbone)
 
-        self.teacher = TimmFeatureExtractor(backbone=backbone, layers=layers, pre_trained=pre_trained, requires_grad=False)
+        self.teacher = TimmFeatureExtractor(
+            backbone=backbone, layers=layers, pre_trained=pre_trained, requires_grad=False
+        )
         # ``requires_grad=False`` only wraps the teacher's forward in ``no_grad``; freeze its parameters too, or
         # DDP waits for gradients they never get ("parameters that were not used in producing the loss").
         self.teacher.requires_grad_(False)

@@ -21,6 +21,11 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def mvtec_args(root: Path, dataset: str = "MVTecAD") -> list[str]:
+    """CLI arguments selecting category ``brick`` of the tiny dataset at ``root`` through anomalib's ``dataset``."""
+    return ["--data", dataset, "--data.root", str(root), "--data.category", "brick"]
+
+
 def run_anomalib(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed ``anomalib`` command; fail the test with its output if it exits non-zero."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import run_anomalib
+from conftest import mvtec_args, run_anomalib
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 FAST = (
@@ -30,12 +30,7 @@ def trained(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         "Tdad",
         "--model.lambda_dmd",
         "0.5",
-        "--data",
-        "MVTec",
-        "--data.root",
-        str(tiny_root),
-        "--data.category",
-        "brick",
+        *mvtec_args(tiny_root, "MVTec"),
         *FAST,
         "--default_root_dir",
         "results",
@@ -86,12 +81,7 @@ def test_test_command_reports_metrics(trained: tuple[Path, Path], tiny_root: Pat
         "test",
         "--model",
         "Tdad",
-        "--data",
-        "MVTecAD",
-        "--data.root",
-        str(tiny_root),
-        "--data.category",
-        "brick",
+        *mvtec_args(tiny_root),
         "--data.num_workers",
         "0",
         "--ckpt_path",

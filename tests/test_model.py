@@ -1,8 +1,11 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
+from typing import Any
+
 import pytest
 import torch
 from anomalib.data import InferenceBatch
+from lightning.pytorch import Trainer
 
 from anomalib_tdad import Tdad
 from anomalib_tdad.models.tdad.corruption import Corruption
@@ -15,6 +18,18 @@ BACKBONES = {
     "mobilenetv2_100": ("blocks.1", "blocks.2", "blocks.4"),
     "convnext_atto": ("stages.0", "stages.1", "stages.2"),
 }
+
+
+def quiet_trainer(model: Tdad, **kwargs: Any) -> Trainer:
+    """A Lightning trainer with ``model``'s own callbacks and no logger, checkpoints, progress bar or summary."""
+    return Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=model.configure_callbacks(),
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -193,21 +208,11 @@ def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
 
 def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -> None:
     from anomalib.data import MVTecAD
-    from lightning.pytorch import Trainer
 
     def epochs_trained(**trainer_kwargs: int) -> int:
         model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, default_epochs=2)
         datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
-        trainer = Trainer(
-            limit_train_batches=1,
-            limit_val_batches=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=model.configure_callbacks(),
-            **trainer_kwargs,
-        )
+        trainer = quiet_trainer(model, limit_train_batches=1, limit_val_batches=1, **trainer_kwargs)
         trainer.fit(model, datamodule=datamodule)
         return trainer.current_epoch
 
@@ -264,20 +269,11 @@ def test_standardized_map_peaks_at_the_defect_not_where_the_student_is_always_po
 
 def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoint(tiny_root, tmp_path) -> None:
     from anomalib.data import MVTecAD
-    from lightning.pytorch import Trainer
 
     kwargs = {"backbone": "resnet18", "layers": ("layer1", "layer2", "layer3"), "pre_trained": False}
     model = Tdad(**kwargs, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
     datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    trainer = Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=model.configure_callbacks(),
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(model, max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=datamodule)
     statistics = model.model.anomaly_map_generator.statistics
     shapes = [tuple(statistics.statistics(level)[0].shape) for level in range(3)]
@@ -301,7 +297,6 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
     tiny_root, tmp_path, monkeypatch
 ) -> None:
     from anomalib.data import MVTecAD
-    from lightning.pytorch import Trainer
 
     from anomalib_tdad.models.tdad.anomaly_map import LevelStatistics
 
@@ -317,17 +312,7 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
         pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)),
     )
     datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=2, eval_batch_size=2, num_workers=0)
-    trainer = Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=model.configure_callbacks(),
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(model, max_epochs=1, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=datamodule)
     assert counts and set(counts) == {4}  # 2 batches of 2, not the 16 training images
 

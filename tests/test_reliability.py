@@ -10,7 +10,6 @@ import inspect
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -19,6 +18,7 @@ import pytest
 import torch
 from anomalib.data import Folder, MVTecAD
 from anomalib.engine import Engine
+from conftest import ANOMALIB, mvtec_args
 from lightning.pytorch import seed_everything
 from PIL import Image
 
@@ -26,7 +26,6 @@ from anomalib_tdad import Tdad, TdadModel
 from anomalib_tdad.checks import InvalidDatasetError
 from anomalib_tdad.models.tdad.lightning_model import IncompatibleCheckpointError
 
-ANOMALIB = shutil.which("anomalib", path=str(Path(sys.executable).parent)) or "anomalib"
 SIZE = 64  # model input in pixels: small for speed, above the default backbone's minimum of 33
 
 
@@ -83,6 +82,25 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the installed ``anomalib`` command; the caller checks the exit status."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run([ANOMALIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def predict_cli(
+    checkpoint: Path, data: Path, results: Path, *model_args: str, cwd: Path
+) -> subprocess.CompletedProcess:
+    """``anomalib predict`` of ``data`` with TDAD (plus ``model_args``) from ``checkpoint``, writing to ``results``."""
+    return run_cli(
+        "predict",
+        "--model",
+        "Tdad",
+        *model_args,
+        "--ckpt_path",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--default_root_dir",
+        str(results),
+        cwd=cwd,
+    )
 
 
 def sha256(path: Path) -> str:
@@ -279,18 +297,7 @@ def test_predict_folder_skips_non_image_files(tiny_root: Path, tmp_path: Path, c
     (folder / "Thumbs.db").write_bytes(os.urandom(64))
     (folder / ".DS_Store").write_bytes(os.urandom(64))
     (folder / "readme").write_text("no extension\n")
-    result = run_cli(
-        "predict",
-        "--model",
-        "Tdad",
-        "--ckpt_path",
-        str(checkpoint),
-        "--data",
-        str(folder),
-        "--default_root_dir",
-        str(tmp_path / "results"),
-        cwd=tmp_path,
-    )
+    result = predict_cli(checkpoint, folder, tmp_path / "results", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-5000:]
     written = sorted(p.relative_to(tmp_path / "results").parts[-2:] for p in (tmp_path / "results").rglob("*.png"))
     assert written == [("incoming", "000.png"), ("incoming", "001.png"), ("sub", "002.png")]
@@ -302,18 +309,7 @@ def test_predict_folder_with_a_broken_image_names_it(tiny_root: Path, tmp_path: 
     folder.mkdir()
     shutil.copy(tiny_root / "brick" / "test" / "good" / "000.png", folder / "000.png")
     (folder / "001.png").write_text("not an image\n")
-    result = run_cli(
-        "predict",
-        "--model",
-        "Tdad",
-        "--ckpt_path",
-        str(checkpoint),
-        "--data",
-        str(folder),
-        "--default_root_dir",
-        str(tmp_path / "results"),
-        cwd=tmp_path,
-    )
+    result = predict_cli(checkpoint, folder, tmp_path / "results", cwd=tmp_path)
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())
     assert f"UnidentifiedImageError: cannot identify image file '{folder / '001.png'}'" in output
@@ -340,24 +336,15 @@ def test_cli_checkpoint_from_another_backbone_is_refused_and_nothing_written(
 ) -> None:
     before = sha256(checkpoint)
     results = tmp_path / "results"
-    result = run_cli(
-        "predict",
-        "--model",
-        "Tdad",
+    model_args = (
         "--model.backbone",
         "resnet18",
         "--model.layers",
         "[layer1,layer2,layer3]",
         "--model.pre_trained",
         "false",
-        "--ckpt_path",
-        str(checkpoint),
-        "--data",
-        str(tiny_root / "brick" / "test" / "good"),
-        "--default_root_dir",
-        str(results),
-        cwd=tmp_path,
     )
+    result = predict_cli(checkpoint, tiny_root / "brick" / "test" / "good", results, *model_args, cwd=tmp_path)
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())
     layers = list(inspect.signature(Tdad).parameters["layers"].default)  # the checkpoint was trained with these
@@ -383,12 +370,7 @@ def test_cli_truncated_checkpoint_is_a_clear_error_and_nothing_overwritten(
         "train",
         "--model",
         "Tdad",
-        "--data",
-        "MVTecAD",
-        "--data.root",
-        str(tiny_root),
-        "--data.category",
-        "brick",
+        *mvtec_args(tiny_root),
         "--data.num_workers",
         "0",
         "--trainer.max_epochs",

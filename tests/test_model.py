@@ -20,6 +20,11 @@ BACKBONES = {
 }
 
 
+def untrained_tdad(**kwargs: Any) -> Tdad:
+    """A Tdad on a randomly initialised ResNet-18 teacher (no weights needed), with ``kwargs`` on top."""
+    return Tdad(backbone="resnet18", layers=BACKBONES["resnet18"], pre_trained=False, **kwargs)
+
+
 def quiet_trainer(model: Tdad, **kwargs: Any) -> Trainer:
     """A Lightning trainer with ``model``'s own callbacks and no logger, checkpoints, progress bar or summary."""
     return Trainer(
@@ -104,7 +109,7 @@ def test_bad_model_arguments_get_clear_errors(kwargs: dict, message: str) -> Non
 
 def test_training_steps_reduce_the_loss() -> None:
     torch.manual_seed(0)
-    model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False)
+    model = untrained_tdad()
     model.model.train()
     images = torch.randn(4, 3, 64, 64)
     optimizer = model.configure_optimizers()
@@ -121,9 +126,7 @@ def test_training_steps_reduce_the_loss() -> None:
 
 
 def test_plain_reverse_distillation_skips_the_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = Tdad(
-        backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_scd=0, lambda_dmd=0
-    )
+    model = untrained_tdad(lambda_scd=0, lambda_dmd=0)
     monkeypatch.setattr(model.corruption, "forward", lambda *_: pytest.fail("corruption ran"))
     model.model.train()
     _, terms = model.compute_loss(torch.randn(2, 3, 64, 64))
@@ -132,13 +135,7 @@ def test_plain_reverse_distillation_skips_the_corruption(monkeypatch: pytest.Mon
 
 def test_corruption_changes_pixels_only_inside_its_mask() -> None:
     torch.manual_seed(0)
-    model = Tdad(
-        backbone="resnet18",
-        layers=("layer1", "layer2", "layer3"),
-        pre_trained=False,
-        perlin_probability=1.0,
-        mask_probability=1.0,
-    )
+    model = untrained_tdad(perlin_probability=1.0, mask_probability=1.0)
     images = (torch.rand(4, 3, 64, 64) - model.corruption.mean) / model.corruption.std
     corrupted, mask = model.corruption(images)
     assert mask.shape == (4, 1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -175,13 +172,7 @@ def test_bad_shading_arguments_get_clear_errors(kwargs: dict, message: str) -> N
 def test_a_non_finite_synthetic_anomaly_leaves_its_image_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     """anomalib's texture augmenters can return NaN pixels (torchvision's hue jitter below 0): never pass them on."""
     torch.manual_seed(0)
-    model = Tdad(
-        backbone="resnet18",
-        layers=("layer1", "layer2", "layer3"),
-        pre_trained=False,
-        perlin_probability=1.0,
-        mask_probability=0.0,
-    )
+    model = untrained_tdad(perlin_probability=1.0, mask_probability=0.0)
     perlin = model.corruption.perlin.forward
 
     def nan_in_second_image(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +190,7 @@ def test_a_non_finite_synthetic_anomaly_leaves_its_image_clean(monkeypatch: pyte
 
 
 def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
-    model = Tdad(
-        backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, lambda_dmd=0.0, margin=0.3
-    )
+    model = untrained_tdad(lambda_dmd=0.0, margin=0.3)
     assert model.hparams["lambda_dmd"] == 0.0 and model.hparams["margin"] == 0.3
     assert model.hparams["backbone"] == "resnet18"
 
@@ -210,7 +199,7 @@ def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -
     from anomalib.data import MVTecAD
 
     def epochs_trained(**trainer_kwargs: int) -> int:
-        model = Tdad(backbone="resnet18", layers=("layer1", "layer2", "layer3"), pre_trained=False, default_epochs=2)
+        model = untrained_tdad(default_epochs=2)
         datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
         trainer = quiet_trainer(model, limit_train_batches=1, limit_val_batches=1, **trainer_kwargs)
         trainer.fit(model, datamodule=datamodule)
@@ -305,12 +294,7 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
     monkeypatch.setattr(
         LevelStatistics, "fit", lambda self, s, q, count: (counts.append(count), fit(self, s, q, count))
     )
-    model = Tdad(
-        backbone="resnet18",
-        layers=("layer1", "layer2", "layer3"),
-        pre_trained=False,
-        pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)),
-    )
+    model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
     datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=2, eval_batch_size=2, num_workers=0)
     trainer = quiet_trainer(model, max_epochs=1, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=datamodule)

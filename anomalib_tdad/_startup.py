@@ -9,7 +9,16 @@ nothing. When a watched module has finished importing, its callback runs:
   same name become attributes of those modules (``--model Tdad``, ``get_model("tdad")``,
   ``--data MVTec``, benchmark configs with a bare ``class_path``).
 - ``timm``: offline weights shipped by installed packages are registered with timm's pretrained
-  configs, so ``timm.create_model(name, pretrained=True)`` finds them with no network.
+  configs, so ``timm.create_model(name, pretrained=True)`` finds them with no network (only where
+  timm's own are not cached; see :mod:`anomalib_tdad.weights`).
+
+The ``.pth`` line imports this module inside ``try``/``except``: when ``anomalib_tdad`` cannot be
+imported (package removed but the ``.pth`` left behind, an editable install whose checkout moved),
+Python starts silently, at the cost of one failed import, instead of printing a traceback.
+
+Without the hook (``python -S``, ``pip install --target``, frozen applications) nothing is bound,
+but dotted paths still work: ``--model anomalib_tdad.Tdad``, ``--data anomalib_tdad.data.MVTec``;
+a ``Tdad`` registers the offline weights itself before it builds its teacher.
 
 This module must import nothing beyond ``sys``: it runs in every Python process of the
 environment.

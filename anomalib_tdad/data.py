@@ -2,7 +2,8 @@
 
 anomalib 2.x renamed ``MVTec`` to ``MVTecAD``; configs, papers and scripts still say
 ``--data MVTec``. Registered under the entry-point group ``anomalib.data``, this subclass makes the
-old name work with anomalib's CLI unchanged. It behaves exactly like :class:`MVTecAD`.
+old name work with anomalib's CLI unchanged (through the start-up hook; without it, use the dotted
+path ``--data anomalib_tdad.data.MVTec``). It behaves exactly like :class:`MVTecAD`.
 """
 
 from anomalib.data import MVTecAD

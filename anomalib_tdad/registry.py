@@ -7,6 +7,8 @@ plugin registered under the group ``anomalib.models`` (or ``anomalib.data``) and
 attribute of that module satisfies all three. The start-up hook calls these functions right after
 anomalib imports the module; calling them again is harmless. A plugin module whose own import is
 what pulled in anomalib is skipped then, and calls :func:`register_models` itself when complete.
+Where the hook does not run (``python -S``, ``pip install --target``, frozen applications), the
+dotted paths ``anomalib_tdad.Tdad`` and ``anomalib_tdad.data.MVTec`` work with anomalib's CLI.
 """
 
 import logging

@@ -1,24 +1,11 @@
 """After a short fit on tiny normal data, the map lights up where the planted defects are."""
 
-from pathlib import Path
-
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
-
-from anomalib_tdad import Tdad
-from anomalib_tdad.demo import DemoSplit, make_demo_dataset
+from conftest import Trained
 
 
-def test_anomaly_map_is_higher_inside_planted_defects(tmp_path: Path) -> None:
-    seed_everything(0)
-    make_demo_dataset(tmp_path, "brick", split=DemoSplit(train=24, test_good=4, test_per_defect=4), image_size=96)
-    datamodule = MVTecAD(root=tmp_path, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    model = Tdad()
-    engine = Engine(max_epochs=3, default_root_dir=tmp_path / "results", logger=False, enable_progress_bar=False)
-    engine.fit(model=model, datamodule=datamodule)
-    predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
+def test_anomaly_map_is_higher_inside_planted_defects(trained: Trained) -> None:
+    predictions = trained.engine.predict(model=trained.model, dataloaders=trained.datamodule.test_dataloader())
     inside, outside, good_scores, bad_scores = [], [], [], []
     for batch in predictions:
         for anomaly_map, mask, label, score in zip(

@@ -190,7 +190,7 @@ def test_killed_training_resumes_from_last_checkpoint_like_an_uninterrupted_run(
     resumed_result = json.loads((resumed / "result.json").read_text())
     assert resumed_result["epochs"] == [2]  # finished epochs are not trained again
     assert resumed_result["global_step"] == full_result["global_step"] == 12
-    # The checkpoint carries the RNG state, so the resumed run even draws the same synthetic anomalies:
+    # Each epoch is seeded from the run's seed and its number, so the resumed run draws the same anomalies:
     # the model equals the uninterrupted one (allow float noise only).
     torch.testing.assert_close(
         torch.tensor(resumed_result["scores"]), torch.tensor(full_result["scores"]), rtol=1e-5, atol=1e-5
@@ -199,6 +199,27 @@ def test_killed_training_resumes_from_last_checkpoint_like_an_uninterrupted_run(
     resumed_state = torch.load(resumed / "final_state.pt", weights_only=True)
     for name, value in full_state.items():
         torch.testing.assert_close(resumed_state[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_finished_run_extended_from_its_checkpoint_ends_like_an_uninterrupted_run(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    """One epoch, then the same command with two epochs and the checkpoint: the two-epoch run's weights."""
+
+    def fit(epochs: int, name: str, ckpt_path: Path | None = None) -> Tdad:
+        seed_everything(7)
+        model = make_model()
+        make_engine(tmp_path / name, max_epochs=epochs).fit(
+            model, datamodule=make_datamodule(tiny_root), ckpt_path=ckpt_path
+        )
+        return model
+
+    uninterrupted = fit(2, "uninterrupted")
+    fit(1, "first")
+    (checkpoint,) = (tmp_path / "first").rglob("*.ckpt")
+    extended = fit(2, "extended", checkpoint)
+    for name, value in uninterrupted.model.state_dict().items():
+        torch.testing.assert_close(extended.model.state_dict()[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- seeds

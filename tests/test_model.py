@@ -1,5 +1,6 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -51,6 +52,40 @@ def test_every_backbone_builds_and_maps_have_the_input_size(backbone: str) -> No
     assert output.anomaly_map.shape == (2, 1, 96, 128)
     assert output.pred_score.shape == (2,)
     assert torch.allclose(output.pred_score, output.anomaly_map.flatten(1).amax(1))
+
+
+@pytest.mark.parametrize(
+    ("backbone", "levels"),
+    [
+        ("tf_efficientnet_lite0", ["blocks.2", "blocks.4"]),
+        ("resnet18", ["layer2", "layer3"]),
+        ("wide_resnet50_2", ["layer2", "layer3"]),
+        ("mobilenetv2_100", ["blocks.2", "blocks.4"]),
+        ("convnext_atto", ["stages.1", "stages.2"]),
+    ],
+)
+def test_default_layers_follow_the_backbone(backbone: str, levels: list[str]) -> None:
+    """Without ``layers`` every backbone gets its stride-8 and stride-16 levels."""
+    model = Tdad(backbone=backbone, pre_trained=False)
+    assert model.model.layers == levels
+    assert model.model.teacher.reductions == [8, 16]
+
+
+def test_the_teacher_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only one timm model gets real weights allocated; the level listing is built on the meta device."""
+    import timm
+
+    built: list[str] = []
+    create = timm.create_model
+
+    def counting(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        model = create(*args, **kwargs)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", counting)
+    untrained_tdad()
+    assert built.count("cpu") == 1
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
@@ -220,7 +255,7 @@ def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -
 )
 def test_student_embedding_sits_at_stride_32(backbone: str, layers: tuple[str, ...], stride: int) -> None:
     model = TdadModel(backbone, layers, pre_trained=False).eval()
-    embedding = model.student.bottleneck(model.teacher_features(torch.randn(1, 3, 128, 192)))
+    embedding = model.student.bottleneck(model.teacher(torch.randn(1, 3, 128, 192)))
     assert embedding.shape[-2:] == (128 // stride, 192 // stride)
 
 
@@ -231,10 +266,9 @@ def test_level_statistics_are_the_per_position_moments_of_the_training_maps() ->
     maps = [torch.rand(50, 1, 8, 8) * torch.linspace(0.1, 1, 8), torch.rand(50, 1, 4, 4) + 3]
     statistics = LevelStatistics(levels=2)
     statistics.fit([m.double().sum(dim=(0, 1)) for m in maps], [(m.double() ** 2).sum(dim=(0, 1)) for m in maps], 50)
-    for level, level_maps in enumerate(maps):
-        mean, std = statistics.statistics(level)
-        torch.testing.assert_close(mean[0, 0], level_maps.mean(dim=(0, 1)))
-        torch.testing.assert_close(std[0, 0], level_maps.std(dim=(0, 1)), atol=1e-5, rtol=1e-4)
+    for moments, level_maps in zip(statistics.levels, maps, strict=True):
+        torch.testing.assert_close(moments.mean[0, 0], level_maps.mean(dim=(0, 1)))
+        torch.testing.assert_close(moments.std[0, 0], level_maps.std(dim=(0, 1)), atol=1e-5, rtol=1e-4)
     standardized = statistics([m[:10] for m in maps])
     assert all(abs(s.mean().item()) < 0.5 for s in standardized)
     assert all(s.shape == m[:10].shape for s, m in zip(standardized, maps, strict=True))
@@ -265,9 +299,9 @@ def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoi
     trainer = quiet_trainer(model, max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=datamodule)
     statistics = model.model.anomaly_map_generator.statistics
-    shapes = [tuple(statistics.statistics(level)[0].shape) for level in range(3)]
+    shapes = [tuple(moments.mean.shape) for moments in statistics.levels]
     assert shapes == [(1, 1, 16, 16), (1, 1, 8, 8), (1, 1, 4, 4)]  # strides 4, 8, 16 of a 64 px input
-    assert all(statistics.statistics(level)[1].min() > 0 for level in range(3))
+    assert all(moments.std.min() > 0 for moments in statistics.levels)
 
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     restored = Tdad.load_from_checkpoint(tmp_path / "model.ckpt").eval()
@@ -300,12 +334,11 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
     trainer.fit(model, datamodule=datamodule)
     assert counts and set(counts) == {4}  # 2 batches of 2, not the 16 training images
 
-    def broken(images: torch.Tensor) -> None:
+    def broken() -> Iterator[torch.Tensor]:
+        yield torch.rand(2, 3, 64, 64)
         raise RuntimeError("boom")
 
-    model._statistics_step = -1  # noqa: SLF001 (force a new pass)
     model.train()
-    monkeypatch.setattr(model.model, "distance_moments", broken)
     with pytest.raises(RuntimeError, match="boom"):
-        model.fit_map_statistics()
+        model.model.fit_statistics(broken())
     assert model.model.training  # the failed pass did not leave the model in eval mode

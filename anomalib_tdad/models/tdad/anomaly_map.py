@@ -3,11 +3,20 @@
 from collections.abc import Sequence
 
 import torch
-from anomalib.models.components import GaussianBlur2d
+from anomalib.models.components import DynamicBufferMixin, GaussianBlur2d
 from torch import nn
 
 from .loss import cosine_distance
 from .utils import resize
+
+
+class Moments(DynamicBufferMixin):
+    """Per-position mean and standard deviation of one level's distances; a checkpoint's shapes load as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, 1, 1, 1))
+        self.register_buffer("std", torch.ones(1, 1, 1, 1))
 
 
 class LevelStatistics(nn.Module):
@@ -26,21 +35,8 @@ class LevelStatistics(nn.Module):
 
     def __init__(self, levels: int, min_std: float = 0.1) -> None:
         super().__init__()
-        self.levels = levels
+        self.levels = nn.ModuleList(Moments() for _ in range(levels))
         self.min_std = min_std
-        for level in range(levels):
-            self.register_buffer(f"mean_{level}", torch.zeros(1, 1, 1, 1))
-            self.register_buffer(f"std_{level}", torch.ones(1, 1, 1, 1))
-
-    def statistics(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(1, 1, h, w)`` mean and standard deviation of ``level``."""
-        return getattr(self, f"mean_{level}"), getattr(self, f"std_{level}")
-
-    def resize_buffers(self, shapes: dict[str, Sequence[int]]) -> None:
-        """Give the buffers the shapes of a checkpoint's (``{buffer name: shape}``) so it can be loaded."""
-        for name, shape in shapes.items():
-            if name in self._buffers and tuple(self._buffers[name].shape) != tuple(shape):
-                self._buffers[name] = torch.zeros(tuple(shape), dtype=self._buffers[name].dtype)
 
     @torch.no_grad()
     def fit(self, sums: Sequence[torch.Tensor], squares: Sequence[torch.Tensor], count: int) -> None:
@@ -48,21 +44,19 @@ class LevelStatistics(nn.Module):
         if count < 2:
             msg = f"Need at least 2 normal training images for the map statistics, got {count}."
             raise ValueError(msg)
-        for level, (total, square) in enumerate(zip(sums, squares, strict=True)):
+        for moments, total, square in zip(self.levels, sums, squares, strict=True):
             mean = (total / count).float()
             std = ((square.float() - count * mean**2).clamp_min(0) / (count - 1)).sqrt()
             std = std.clamp_min(self.min_std * std.mean().item() + 1e-6)
-            self.register_buffer(f"mean_{level}", mean.reshape(1, 1, *mean.shape).clone())
-            self.register_buffer(f"std_{level}", std.reshape(1, 1, *std.shape).clone())
+            moments.mean = mean.reshape(1, 1, *mean.shape).clone()
+            moments.std = std.reshape(1, 1, *std.shape).clone()
 
     def forward(self, distances: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Standardize ``(B, 1, h, w)`` distance maps, one per level (statistics resized to each map)."""
-        standardized = []
-        for level, distance in enumerate(distances):
-            mean, std = self.statistics(level)
-            size = distance.shape[-2:]
-            standardized.append((distance - resize(mean, size)) / resize(std, size))
-        return standardized
+        return [
+            (distance - resize(moments.mean, distance.shape[-2:])) / resize(moments.std, distance.shape[-2:])
+            for moments, distance in zip(self.levels, distances, strict=True)
+        ]
 
 
 def level_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> list[torch.Tensor]:

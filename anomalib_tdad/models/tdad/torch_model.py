@@ -1,23 +1,26 @@
 """PyTorch model of TDAD: frozen timm teacher, reverse-distillation student, anomaly map."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import timm
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import TimmFeatureExtractor
 from torch import nn
 
-from anomalib_tdad.weights import check_pretrained_available
+from anomalib_tdad.weights import check_pretrained_available, pretrained_weights_cached
 
 from .anomaly_map import AnomalyMapGenerator, image_score, level_distances
 from .student import Student, embedding_stride
+from .teacher import Teacher
+
+# Sums a tensor over the processes of a distributed run (e.g. Lightning's ``strategy.reduce``).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def available_layers(backbone: str) -> list[str]:
-    """Names of the feature levels timm's ``features_only`` exposes for ``backbone``."""
-    model = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
-    return [info["module"] for info in model.feature_info.info]
+def _teacher_loaded(model: "TdadModel", incompatible: nn.modules.module._IncompatibleKeys) -> None:
+    """A state dict that holds the teacher's weights (a checkpoint) makes downloading them unnecessary."""
+    if not any(".feature_extractor." in key for key in incompatible.missing_keys):
+        model.weights_pending = False
 
 
 class TdadModel(nn.Module):
@@ -29,8 +32,11 @@ class TdadModel(nn.Module):
 
     Args:
         backbone: Name of any timm CNN that supports ``features_only``.
-        layers: Two or more teacher levels of increasing stride, e.g. ``("layer1", "layer2", "layer3")``.
-        pre_trained: Load ImageNet weights for the teacher (fails fast if they cannot be had).
+        layers: Two or more teacher levels of increasing stride, e.g. ``("layer1", "layer2", "layer3")``
+            (``None``: the backbone's levels at strides 8 and 16).
+        pre_trained: ImageNet weights for the teacher. Weights already on disk load at once; weights that
+            must be downloaded load in :meth:`load_pending_weights` (at the start of training), so that
+            loading a checkpoint, which holds them, never waits for the network.
         embedding_dim: Channels of the student's bottleneck embedding (``None``: ``max(256, 2 * C_last)``).
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         score_topk: Image score is the mean of this fraction of the highest map pixels (0: the maximum).
@@ -42,7 +48,7 @@ class TdadModel(nn.Module):
     def __init__(
         self,
         backbone: str,
-        layers: Sequence[str],
+        layers: Sequence[str] | None = None,
         pre_trained: bool = True,
         embedding_dim: int | None = None,
         sigma: float = 4.0,
@@ -51,36 +57,24 @@ class TdadModel(nn.Module):
         level_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        layers = list(layers)
         if not timm.is_model(backbone):
             msg = f"Unknown timm backbone {backbone!r}. See timm.list_models() for the available names."
-            raise ValueError(msg)
-        known = available_layers(backbone)
-        unknown = [layer for layer in layers if layer not in known]
-        if unknown or len(layers) < 2:
-            msg = f"Layers {layers} are not valid teacher levels of {backbone}; choose two or more of {known}."
             raise ValueError(msg)
         if not 0 <= score_topk < 1:
             msg = f"score_topk must lie in [0, 1), got {score_topk}."
             raise ValueError(msg)
-        if pre_trained:
-            check_pretrained_available(backbone)
-
-        self.teacher = TimmFeatureExtractor(
-            backbone=backbone, layers=layers, pre_trained=pre_trained, requires_grad=False
-        )
-        # ``requires_grad=False`` only wraps the teacher's forward in ``no_grad``; freeze its parameters too, or
-        # DDP waits for gradients they never get ("parameters that were not used in producing the loss").
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        self.layers = layers
-        reductions = self.teacher.feature_extractor.feature_info.reduction()
+        cached = pre_trained and pretrained_weights_cached(backbone)
+        self.teacher = Teacher(backbone, layers, pre_trained=cached)
+        self.weights_pending = pre_trained and not cached
+        self.register_load_state_dict_post_hook(_teacher_loaded)
+        self.layers = self.teacher.layers
+        reductions = self.teacher.reductions
         if list(reductions) != sorted(reductions):
-            msg = f"Layers {layers} of {backbone} must be ordered by increasing stride, got strides {reductions}."
+            msg = f"Layers {self.layers} of {backbone} must be ordered by increasing stride, got strides {reductions}."
             raise ValueError(msg)
         self.student = Student(self.teacher.out_dims, reductions, embedding_dim)
         self.anomaly_map_generator = AnomalyMapGenerator(
-            levels=len(layers), sigma=sigma, standardize=standardize, level_weights=level_weights
+            levels=len(self.layers), sigma=sigma, standardize=standardize, level_weights=level_weights
         )
         self.score_topk = score_topk
         self.backbone = backbone
@@ -88,11 +82,12 @@ class TdadModel(nn.Module):
         # one image); the map's Gaussian blur pads by 4 sigma.
         self.min_input_size = max(embedding_stride(reductions) + 1, int(4.0 * sigma + 0.5) + 1)
 
-    def train(self, mode: bool = True) -> "TdadModel":
-        """Switch the student's mode; the teacher always stays in eval mode (frozen BatchNorm)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    def load_pending_weights(self) -> None:
+        """Load the teacher's ImageNet weights if they were left to download (fails fast when offline)."""
+        if self.weights_pending:
+            check_pretrained_available(self.backbone)
+            self.teacher.load_pretrained()
+            self.weights_pending = False
 
     def check_input_size(self, size: Sequence[int]) -> None:
         """Raise a clear error for inputs smaller than the backbone's minimum (``min_input_size`` per side)."""
@@ -105,22 +100,43 @@ class TdadModel(nn.Module):
             )
             raise ValueError(msg)
 
-    def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Frozen teacher features, finest level first."""
-        return list(self.teacher(images).values())
-
     @torch.no_grad()
-    def distance_moments(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-level sums and sums of squares over the batch of the ``(h, w)`` distance maps, in float64."""
-        teacher = self.teacher_features(images)
-        distances = [d.double() for d in level_distances(teacher, self.student(teacher))]
-        return [d.sum(dim=(0, 1)) for d in distances], [(d**2).sum(dim=(0, 1)) for d in distances]
+    def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
+        """Fit the per-level map statistics on batches of normal, normalized images (one eval pass).
+
+        ``reduce`` adds up the sums of the processes of a distributed run.
+        """
+        training = self.training
+        self.eval()
+        sums: list[torch.Tensor] = []
+        squares: list[torch.Tensor] = []
+        count = torch.zeros((), dtype=torch.float64)
+        try:
+            for images in batches:
+                teacher = self.teacher(images)
+                distances = [d.double() for d in level_distances(teacher, self.student(teacher))]
+                batch_sums = [d.sum(dim=(0, 1)) for d in distances]
+                batch_squares = [(d**2).sum(dim=(0, 1)) for d in distances]
+                sums = [a + b for a, b in zip(sums, batch_sums, strict=True)] if sums else batch_sums
+                squares = [a + b for a, b in zip(squares, batch_squares, strict=True)] if squares else batch_squares
+                count = count.to(images.device) + images.shape[0]
+        finally:
+            self.train(training)
+        if reduce is not None:
+            sums, squares, count = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(count)
+        self.anomaly_map_generator.statistics.fit(sums, squares, int(count.item()))
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         """Training: ``(teacher, student)`` features. Eval: anomaly map and score."""
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             self.check_input_size(images.shape[-2:])
-        teacher = self.teacher_features(images)
+        if self.weights_pending:
+            msg = (
+                f"The teacher's ImageNet weights ({self.backbone}) are not loaded yet: train the model (they load "
+                "at the start of training) or load a checkpoint, or call load_pending_weights()."
+            )
+            raise RuntimeError(msg)
+        teacher = self.teacher(images)
         student = self.student(teacher)
         if self.training:
             return teacher, student

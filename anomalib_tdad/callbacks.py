@@ -1,0 +1,87 @@
+"""Lightning callbacks that ``Tdad`` returns from ``configure_callbacks``: data checks and seeded epochs."""
+
+import hashlib
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from anomalib_tdad.checks import check_datamodule, check_dataset_exists
+
+
+class DataCheck(Callback):
+    """Check every file of the splits a stage uses, so bad data fails at set-up, by name, not mid-run.
+
+    A dataset folder that does not exist is named with what was found instead, also when anomalib's
+    ``prepare_data`` has already tried to download it and failed (offline).
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Run the checks of :mod:`anomalib_tdad.checks` on the trainer's datamodule."""
+        del pl_module
+        if trainer.datamodule is not None:
+            check_dataset_exists(trainer.datamodule)
+            check_datamodule(trainer.datamodule, stage)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Replace a failed download of a dataset folder that does not exist by the clear error."""
+        del pl_module, exception
+        if trainer.datamodule is not None:
+            check_dataset_exists(trainer.datamodule)
+
+
+def _derive(*values: int) -> int:
+    """A 63-bit seed that depends on every value (no two tuples share a stream)."""
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededEpochs(Callback):
+    """Seed torch's RNG at the start of every training epoch from the run's seed, the epoch and the rank.
+
+    Each epoch's data order and synthetic anomalies are then a function of ``(seed, epoch, rank)`` alone:
+    a run resumed or extended from a checkpoint saved at the end of an epoch continues exactly like an
+    uninterrupted run, whatever validation or checkpointing drew from the RNG in between, and every
+    process of a distributed run draws its own anomalies. The run's seed is ``torch.initial_seed()``
+    at the start of fitting (``seed_everything``'s seed) and travels in the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.seed: int | None = None
+        self.next_epoch = 0  # the epoch a run resumed from a checkpoint written now starts with
+        self._seeded_epoch = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's seed and the epoch a resumed run starts with."""
+        return {"seed": self.seed, "next_epoch": self.next_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the checkpoint's run."""
+        self.seed, self.next_epoch = state_dict["seed"], state_dict["next_epoch"]
+
+    def _seed(self, trainer: pl.Trainer, epoch: int) -> None:
+        torch.manual_seed(_derive(self.seed, epoch, trainer.global_rank))
+        self._seeded_epoch = epoch
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Seed the first epoch here: Lightning creates its data iterator before ``on_train_epoch_start``."""
+        del pl_module
+        if self.seed is None:
+            self.seed = torch.initial_seed()
+        self._seed(trainer, self.next_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Seed every later epoch, before its data iterator is created."""
+        del pl_module
+        if trainer.current_epoch != self._seeded_epoch:
+            self._seed(trainer, trainer.current_epoch)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: object, batch_idx: int
+    ) -> None:
+        """Once an epoch's last batch is trained, a resumed run starts with the next epoch."""
+        del pl_module, outputs, batch
+        done = batch_idx + 1 >= trainer.num_training_batches
+        self.next_epoch = trainer.current_epoch + 1 if done else trainer.current_epoch

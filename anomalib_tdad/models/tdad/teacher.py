@@ -1,0 +1,94 @@
+"""The frozen teacher: a timm ``features_only`` CNN at chosen levels, built once.
+
+The levels are read from timm's ``feature_info`` of a model built on the ``meta`` device (no memory, no
+weights), so the real teacher is built exactly once, with integer ``out_indices``. ImageNet weights are
+loaded with timm's own loader, keeping only the keys the features model has: a features model has no
+classifier, so loading the full checkpoint as-is would warn about "unexpected keys" every time.
+"""
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from timm.models import FeatureDictNet, FeatureHooks, FeatureListNet, load_pretrained
+from torch import nn
+
+# Strides of the levels TDAD distils by default: PatchCore's, and a ResNet's layer2/layer3.
+DEFAULT_STRIDES = (8, 16)
+# timm wraps most CNNs in these after loading their weights; their keys are renamed (``stages.0`` -> ``stages_0``).
+_WRAPPERS = (FeatureListNet, FeatureDictNet, FeatureHooks)
+
+
+def _create(backbone: str, pretrained: bool = False, **kwargs: object) -> nn.Module:
+    return timm.create_model(backbone, pretrained=pretrained, features_only=True, exportable=True, **kwargs)
+
+
+def select_layers(backbone: str, layers: Sequence[str] | None) -> tuple[list[str], list[int], bool]:
+    """Names and ``out_indices`` of the teacher levels, and whether timm wraps this backbone.
+
+    ``layers=None`` picks the levels at :data:`DEFAULT_STRIDES` from the backbone's ``feature_info``.
+    """
+    with torch.device("meta"):
+        listing = _create(backbone)
+    names = listing.feature_info.module_name()
+    if layers is None:
+        strides = listing.feature_info.reduction()
+        layers = [names[strides.index(stride)] for stride in DEFAULT_STRIDES if stride in strides]
+    layers = list(layers)
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown or len(layers) < 2:
+        msg = f"Layers {layers} are not valid teacher levels of {backbone}; choose two or more of {names}."
+        raise ValueError(msg)
+    return layers, [names.index(layer) for layer in layers], isinstance(listing, _WRAPPERS)
+
+
+class Teacher(nn.Module):
+    """Frozen timm CNN returning its features at ``layers`` (finest first), always in eval mode.
+
+    Args:
+        backbone: Name of any timm CNN that supports ``features_only``.
+        layers: Teacher levels (``None``: those at strides 8 and 16).
+        pre_trained: Load ImageNet weights now (``False``: random weights; see :meth:`load_pretrained`).
+    """
+
+    def __init__(self, backbone: str, layers: Sequence[str] | None = None, pre_trained: bool = True) -> None:
+        super().__init__()
+        self.layers, indices, self._wrapped = select_layers(backbone, layers)
+        self.backbone = backbone
+        # A wrapped model gets its weights before it is wrapped: let timm build it with them.
+        self.feature_extractor = _create(backbone, pretrained=pre_trained and self._wrapped, out_indices=indices)
+        if pre_trained and not self._wrapped:
+            self._load_matching_keys()
+        self.requires_grad_(False)
+        self.eval()
+        info = self.feature_extractor.feature_info
+        self.out_dims: list[int] = info.channels()
+        self.reductions: list[int] = info.reduction()
+
+    def _load_matching_keys(self) -> None:
+        own = set(self.feature_extractor.state_dict())
+        load_pretrained(
+            self.feature_extractor,
+            pretrained_cfg=self.feature_extractor.pretrained_cfg,
+            filter_fn=lambda state, _model: {key: value for key, value in state.items() if key in own},
+        )
+
+    def load_pretrained(self) -> None:
+        """Load the backbone's ImageNet weights into the teacher (from timm's sources)."""
+        if self._wrapped:
+            indices = self.feature_extractor.feature_info.out_indices
+            pretrained = _create(self.backbone, pretrained=True, out_indices=indices)
+            self.feature_extractor.load_state_dict(pretrained.state_dict())
+        else:
+            self._load_matching_keys()
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """The teacher stays in eval mode (frozen BatchNorm statistics)."""
+        del mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Features at every level, finest first."""
+        features = self.feature_extractor(images)
+        return list(features.values()) if isinstance(features, dict) else list(features)

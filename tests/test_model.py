@@ -342,3 +342,24 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
     with pytest.raises(RuntimeError, match="boom"):
         model.model.fit_statistics(broken())
     assert model.model.training  # the failed pass did not leave the model in eval mode
+
+
+def test_weights_to_download_wait_for_training_and_a_checkpoint_makes_them_unnecessary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backbone whose weights are not on disk builds without touching the network; a state dict fills it."""
+    from anomalib_tdad import weights
+
+    def no_network(*_: Any) -> None:
+        pytest.fail("the network was probed")
+
+    monkeypatch.setattr(weights, "pretrained_weights_cached", lambda _: False)
+    monkeypatch.setattr(weights, "_reachable", no_network)
+    monkeypatch.setattr("anomalib_tdad.models.tdad.torch_model.pretrained_weights_cached", lambda _: False)
+    model = Tdad(backbone="resnet18", pre_trained=True).eval()
+    assert model.model.weights_pending
+    with pytest.raises(RuntimeError, match="not loaded yet"):
+        model.model(torch.rand(1, 3, 64, 64))
+    model.load_state_dict(Tdad(backbone="resnet18", pre_trained=False).state_dict())
+    assert not model.model.weights_pending
+    assert model.model(torch.rand(1, 3, 64, 64)).anomaly_map.shape == (1, 1, 64, 64)

@@ -9,7 +9,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo lint test test-all
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml anomalib_tdad/anomalib_tdad_startup.pth
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)

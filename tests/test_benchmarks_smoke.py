@@ -5,16 +5,24 @@ model and finite metrics; the numbers themselves mean nothing at this size. The 
 checked without training.
 """
 
+import importlib
 import inspect
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 import yaml
+from anomalib.data import ImageBatch
+from anomalib.metrics import AUROC
+from anomalib.post_processing import PostProcessor
+from conftest import run_command
+from sklearn.metrics import roc_auc_score
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 MODEL_LABELS = ["TDAD", "RD (TDAD λs=λd=0, same teacher)", "PatchCore", "STFPM", "PaDiM"]
@@ -29,13 +37,17 @@ MVTEC_CATEGORIES = {
 
 
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``benchmarks/<script>`` with this interpreter; fail the test with its output if it exits non-zero."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, str(BENCHMARKS / script), *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"{script} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+    """Run ``benchmarks/<script>`` with this interpreter (one thread unless OMP_NUM_THREADS says otherwise)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    return run_command(sys.executable, str(BENCHMARKS / script), *args, cwd=cwd, threads=threads)
+
+
+@pytest.fixture(scope="module")
+def common() -> Iterator[ModuleType]:
+    """``benchmarks/common.py``, imported by name as the scripts import it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module("common")
 
 
 def assert_scores(frame: pd.DataFrame, columns: list[str]) -> None:
@@ -75,12 +87,7 @@ def test_compare_writes_one_row_per_model(tiny_root: Path, tmp_path: Path) -> No
     assert_png(output / "heatmaps.png")
 
 
-def test_pixel_auroc_by_type_scores_each_defect_type_against_the_good_images() -> None:
-    from types import SimpleNamespace
-
-    sys.path.insert(0, str(BENCHMARKS))
-    import common
-
+def test_pixel_auroc_by_type_scores_each_defect_type_against_the_good_images(common: ModuleType) -> None:
     def batch(kind: str, inside: float) -> tuple[SimpleNamespace, SimpleNamespace]:
         masks = torch.zeros(2, 16, 16, dtype=torch.bool)
         maps = torch.full((2, 1, 16, 16), 100.0)  # raw values far outside [0, 1], as PaDiM's are
@@ -97,6 +104,61 @@ def test_pixel_auroc_by_type_scores_each_defect_type_against_the_good_images() -
     scores = collector.pixel_auroc_by_type()
     assert scores == pytest.approx({f"{TYPE_PREFIX}found": 1.0, f"{TYPE_PREFIX}missed": 0.0})
     assert common.TYPE_PREFIX == TYPE_PREFIX
+
+
+def raw_outputs() -> ImageBatch:
+    """12 images' raw scores and 4x4 maps far outside [0, 1] (as PaDiM's are), with ties across the labels.
+
+    Image scores tie at the value F1 picks as threshold (130); the highest and lowest lie more than half the
+    range from it, where anomalib's default post-processor clamps them to 1 or 0, tying both labels. Likewise,
+    the pixel threshold is a defect's 4200; a normal pixel ties with it and the rest of the map lies far below.
+    """
+    scores = torch.tensor([-2000.0, -1900, -1800, 120, 130, 130, 130, 135, 2900, 2990, 3000, 140])
+    labels = torch.tensor([0, 1, 0, 0, 0, 1, 1, 1, 0, 1, 1, 0])
+    count = len(scores)
+    maps = ((torch.arange(count * 16) % 7) * 50.0 - 100).view(count, 1, 4, 4)  # -100 ... 200, in both labels
+    masks = torch.zeros(count, 4, 4, dtype=torch.bool)
+    masks[labels.bool(), 1:3, 1:3] = True
+    maps[:, 0][masks] = torch.tensor([150.0, 200, 4200, 4300]).repeat(int(labels.sum()))
+    maps[0, 0, 0, :3] = torch.tensor([4000.0, 4100, 4200])  # normal pixels in the far tail, one at the threshold
+    maps[0, 0, 3, 3] = -3000.0
+    return ImageBatch(
+        image=torch.zeros(count, 3, 4, 4), pred_score=scores, gt_label=labels, anomaly_map=maps, gt_mask=masks
+    )
+
+
+def post_processed(post_processor: PostProcessor) -> tuple[ImageBatch, float, float]:
+    """Fit ``post_processor`` on the raw outputs as validation set and post-process them as test set, as the
+    benchmarks do; return the batch and anomalib's image and pixel AUROC of it (the benchmarks' metrics)."""
+    post_processor.on_validation_batch_end(None, None, raw_outputs())
+    post_processor.on_validation_epoch_end(None, None)
+    batch = raw_outputs()
+    post_processor.post_process_batch(batch)
+    image, pixel = AUROC(fields=["pred_score", "gt_label"]), AUROC(fields=["anomaly_map", "gt_mask"])
+    image.update(batch)
+    pixel.update(batch)
+    return batch, image.compute().item(), pixel.compute().item()
+
+
+def test_min_max_post_processor_keeps_the_auroc_of_the_raw_scores(common: ModuleType) -> None:
+    """The benchmarks' AUROC (anomalib's, on post-processed outputs) is the raw scores' (scikit-learn's).
+
+    anomalib's default post-processor, which clamps around the threshold, changes it on these outputs: that is
+    why every benchmark model gets ``MinMaxPostProcessor``.
+    """
+    raw = raw_outputs()
+    raw_image = roc_auc_score(raw.gt_label.numpy(), raw.pred_score.numpy())
+    raw_pixel = roc_auc_score(raw.gt_mask.flatten().numpy(), raw.anomaly_map.flatten().numpy())
+    post_processor = common.MinMaxPostProcessor()
+    batch, image, pixel = post_processed(post_processor)
+    assert (image, pixel) == (pytest.approx(raw_image, abs=1e-6), pytest.approx(raw_pixel, abs=1e-6))
+    for values in (batch.pred_score, batch.anomaly_map):  # in [0, 1], so torchmetrics applies no sigmoid
+        assert values.min() == 0 and values.max() == 1
+    # the threshold moves with the scores: the same labels as the raw scores against the raw thresholds
+    assert torch.equal(batch.pred_label, raw.pred_score > post_processor.image_threshold)
+    assert torch.equal(batch.pred_mask, raw.anomaly_map > post_processor.pixel_threshold)
+    _, default_image, default_pixel = post_processed(PostProcessor())
+    assert default_image != pytest.approx(raw_image, abs=1e-3) and default_pixel != pytest.approx(raw_pixel, abs=1e-3)
 
 
 def test_ablation_writes_one_row_per_loss_configuration(tiny_root: Path, tmp_path: Path) -> None:
@@ -176,14 +238,11 @@ def test_run_benchmark_offline_config_on_tiny_data(tiny_root: Path, tmp_path: Pa
     assert_png(output / "metrics.png")
 
 
-def test_benchmark_epochs_default_to_the_package_training_length(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_benchmark_epochs_default_to_the_package_training_length(common: ModuleType) -> None:
     """Without ``--max-epochs`` the scripts train as long as the package does; memory banks fit once."""
     import argparse
 
     from anomalib_tdad import Tdad
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import common
 
     parser = argparse.ArgumentParser()
     common.add_data_args(parser)

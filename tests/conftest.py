@@ -17,7 +17,13 @@ from lightning.pytorch import seed_everything
 from anomalib_tdad import Tdad
 from anomalib_tdad.demo import DemoSplit, make_demo_dataset
 
-ANOMALIB = shutil.which("anomalib", path=str(Path(sys.executable).parent)) or "anomalib"
+
+def console_script(name: str) -> str:
+    """The command ``name`` installed next to this interpreter (in the virtual environment), else from PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
+ANOMALIB = console_script("anomalib")
 SIZE = 64  # model input in pixels: small for speed, above the default backbone's minimum of 33
 
 

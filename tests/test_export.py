@@ -1,4 +1,7 @@
-"""Exported models agree with torch: the same anomaly maps, scores and labels from ONNX and OpenVINO."""
+"""Exported models agree with torch: the same anomaly maps, scores and labels from ONNX and OpenVINO.
+
+The exports are ``anomalib export``'s, from the checkpoint of the shared trained model.
+"""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -6,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SIZE, Trained
+from conftest import Trained, run_anomalib
 from PIL import Image
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
@@ -16,10 +19,14 @@ Outputs = dict[str, np.ndarray]
 
 @pytest.fixture(scope="module")
 def exported(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared trained TDAD (post-processor fitted) exported to ONNX and OpenVINO; returns the export root."""
+    """``anomalib export`` of the shared trained TDAD's checkpoint to ONNX and OpenVINO; returns the export root.
+
+    The CLI calls the Python API (``to_onnx``, ``to_openvino``), so this covers both ways to export.
+    """
     root = tmp_path_factory.mktemp("export")
-    trained.model.to_onnx(root, input_size=(SIZE, SIZE))
-    trained.model.to_openvino(root, input_size=(SIZE, SIZE))
+    for export_type in ("onnx", "openvino"):
+        args = ["--model", "Tdad", "--export_type", export_type, "--ckpt_path", str(trained.checkpoint)]
+        run_anomalib("export", *args, "--export_root", str(root), cwd=root)
     return root
 
 

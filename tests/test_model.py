@@ -88,11 +88,18 @@ def test_the_teacher_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert built.count("cpu") == 1
 
 
-def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
+def test_teacher_is_frozen_in_any_mode() -> None:
+    """The teacher's BatchNorm keeps its statistics in train mode: same features, no buffer moves, no gradients."""
     model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False)
+    images = torch.randn(2, 3, 64, 64)
+    before = {name: value.clone() for name, value in model.teacher.state_dict().items()}
+    expected = model.eval().teacher(images)
     model.train()
-    assert not model.teacher.training and model.student.training
-    teacher, student = model(torch.randn(2, 3, 64, 64))
+    teacher, student = model(images)
+    for name, value in model.teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for train_mode, eval_mode in zip(teacher, expected, strict=True):
+        torch.testing.assert_close(train_mode, eval_mode)
     sum(s.mean() for s in student).backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert all(p.grad is not None for p in model.student.parameters())

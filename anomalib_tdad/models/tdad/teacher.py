@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
 from timm.models import FeatureDictNet, FeatureHooks, FeatureListNet, load_pretrained
 from torch import nn
 
@@ -43,7 +44,7 @@ def select_layers(backbone: str, layers: Sequence[str] | None) -> tuple[list[str
 
 
 class Teacher(nn.Module):
-    """Frozen timm CNN returning its features at ``layers`` (finest first), always in eval mode.
+    """Frozen timm CNN returning its features at ``layers`` (finest first), with frozen BatchNorm statistics.
 
     Args:
         backbone: Name of any timm CNN that supports ``features_only``.
@@ -59,8 +60,10 @@ class Teacher(nn.Module):
         self.feature_extractor = _create(backbone, pretrained=pre_trained and self._wrapped, out_indices=indices)
         if pre_trained and not self._wrapped:
             self._load_matching_keys()
+        # Frozen BatchNorm normalizes with the ImageNet statistics in any mode, so the teacher needs no eval-mode
+        # override (which Lightning would report as modules left in eval mode at the start of training).
+        self.feature_extractor = freeze_batch_norm_2d(self.feature_extractor)
         self.requires_grad_(False)
-        self.eval()
         info = self.feature_extractor.feature_info
         self.out_dims: list[int] = info.channels()
         self.reductions: list[int] = info.reduction()
@@ -81,11 +84,6 @@ class Teacher(nn.Module):
             self.feature_extractor.load_state_dict(pretrained.state_dict())
         else:
             self._load_matching_keys()
-
-    def train(self, mode: bool = True) -> "Teacher":
-        """The teacher stays in eval mode (frozen BatchNorm statistics)."""
-        del mode
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:

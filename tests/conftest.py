@@ -2,14 +2,17 @@
 briefly trained TDAD for the tests that need a trained model, and the installed commands run as subprocesses.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
@@ -58,6 +61,20 @@ def quiet_engine(path: Path, **kwargs) -> Engine:
     """anomalib's Engine writing under ``path``, without logger, progress bar or model summary; 1 epoch unless set."""
     kwargs.setdefault("max_epochs", 1)
     return Engine(default_root_dir=path, logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch on ``count`` CPU threads inside the block, the previous count restored after it.
+
+    Training results depend (in the last digits) on the thread count: runs compared bit for bit share one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass

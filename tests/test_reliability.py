@@ -10,14 +10,15 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from anomalib.data import Folder
-from conftest import SIZE, Trained, mvtec_args, quiet_engine, run_anomalib, tiny_datamodule, tiny_model
+from anomalib.data import Folder, MVTecAD
+from conftest import SIZE, Trained, mvtec_args, quiet_engine, run_anomalib, tiny_datamodule, tiny_model, torch_threads
 from lightning.pytorch import seed_everything
 from PIL import Image
 
@@ -26,9 +27,11 @@ from anomalib_tdad.checks import InvalidDatasetError
 from anomalib_tdad.models.tdad.lightning_model import IncompatibleCheckpointError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread for the whole module (module fixtures included): its predictions are compared exactly."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture
@@ -43,6 +46,12 @@ def data(tiny_root: Path, tmp_path: Path) -> Path:
 def checkpoint(trained: Trained) -> Path:
     """A Lite0 Tdad checkpoint trained briefly on brick images (read-only for the tests)."""
     return trained.checkpoint
+
+
+def fit(root: Path | MVTecAD | Folder, path: Path, category: str = "brick", size: int = SIZE) -> None:
+    """Fit a tiny default TDAD for one epoch on ``root/category`` (or a datamodule), writing under ``path``."""
+    datamodule = root if isinstance(root, MVTecAD | Folder) else tiny_datamodule(root, category=category)
+    quiet_engine(path).fit(tiny_model(size), datamodule=datamodule)
 
 
 def fit_and_predict(root: Path, path: Path, size: int | tuple[int, int] = SIZE) -> list:
@@ -100,7 +109,7 @@ def fit_missing_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list:
     monkeypatch.setattr("anomalib.data.datamodules.image.mvtecad.download_and_extract", lambda *a: downloads.append(a))
     root = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=rf"Dataset folder {root / 'brick'} does not exist\. The root folder"):
-        quiet_engine(tmp_path).fit(tiny_model(), datamodule=tiny_datamodule(root))
+        fit(root, tmp_path)
     return downloads
 
 
@@ -119,7 +128,7 @@ def test_missing_root_of_a_custom_category_downloads_nothing(tmp_path: Path, mon
 
 def test_missing_category_lists_the_categories_found(tiny_root: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"brik does not exist\. Categories found in .*: \['brick'\]"):
-        quiet_engine(tmp_path).fit(tiny_model(), datamodule=tiny_datamodule(tiny_root, category="brik"))
+        fit(tiny_root, tmp_path, category="brik")
 
 
 def test_missing_mvtec_category_is_left_to_anomalibs_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,7 +146,7 @@ def test_missing_mvtec_category_is_left_to_anomalibs_download(tmp_path: Path, mo
 
     monkeypatch.setattr("anomalib.data.datamodules.image.mvtecad.download_and_extract", download)
     with pytest.raises(DownloadStarted, match="nowhere"):
-        quiet_engine(tmp_path).fit(tiny_model(), datamodule=tiny_datamodule(tmp_path / "nowhere", category="bottle"))
+        fit(tmp_path / "nowhere", tmp_path, category="bottle")
 
 
 def test_missing_folder_dataset_is_anomalibs_clear_error(tmp_path: Path) -> None:
@@ -145,7 +154,7 @@ def test_missing_folder_dataset_is_anomalibs_clear_error(tmp_path: Path) -> None
     anomalib's own clear error with one of its own or a crash (the check knows MVTec layouts only)."""
     datamodule = Folder(name="parts", root=tmp_path / "nowhere", normal_dir="good", num_workers=0)
     with pytest.raises(FileNotFoundError, match=rf"Path does not exist: {tmp_path / 'nowhere' / 'good'}"):
-        quiet_engine(tmp_path).fit(tiny_model(), datamodule=datamodule)
+        fit(datamodule, tmp_path)
 
 
 def test_empty_train_good_is_a_clear_error(data: Path, tmp_path: Path) -> None:
@@ -153,7 +162,7 @@ def test_empty_train_good_is_a_clear_error(data: Path, tmp_path: Path) -> None:
         image.unlink()
     train_good = data / "brick" / "train" / "good"
     with pytest.raises(InvalidDatasetError, match=rf"training split .* has no images.* belong in {train_good}"):
-        quiet_engine(tmp_path).fit(tiny_model(), datamodule=tiny_datamodule(data))
+        fit(data, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- unreadable files
@@ -163,7 +172,7 @@ def test_truncated_png_in_train_is_named_before_training(data: Path, tmp_path: P
     broken = data / "brick" / "train" / "good" / "003.png"
     truncate(broken)
     with pytest.raises(InvalidDatasetError, match=rf"{broken}: \[train\] cannot read this image") as error:
-        quiet_engine(tmp_path / "results").fit(tiny_model(), datamodule=tiny_datamodule(data))
+        fit(data, tmp_path / "results")
     assert "1 problem(s)" in str(error.value)
     assert not list(tmp_path.rglob("*.ckpt"))  # failed before a single step
 
@@ -222,7 +231,7 @@ def test_16bit_grayscale_png_is_refused_with_a_fix(data: Path, tmp_path: Path) -
     Image.fromarray(np.asarray(Image.open(path)).astype(np.uint16) * 257).save(path)
     assert Image.open(path).mode == "I;16"
     with pytest.raises(InvalidDatasetError, match=rf"{path}: \[train\] I;16 .* clips every value above 255 .* Convert"):
-        quiet_engine(tmp_path).fit(tiny_model(), datamodule=tiny_datamodule(data))
+        fit(data, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- image sizes
@@ -248,7 +257,7 @@ def test_very_small_images_work(data: Path, tmp_path: Path) -> None:
 
 def test_model_input_below_the_backbone_minimum_names_it(tiny_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"32x32 px is too small .* tf_efficientnet_lite0 .* at least 33 px"):
-        quiet_engine(tmp_path).fit(tiny_model(32), datamodule=tiny_datamodule(tiny_root))
+        fit(tiny_root, tmp_path, size=32)
 
 
 @pytest.mark.parametrize(

@@ -129,3 +129,10 @@ def run_command(
 def run_anomalib(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed ``anomalib`` command (see :func:`run_command` for the options)."""
     return run_command(ANOMALIB, *args, cwd=cwd, **kwargs)
+
+
+def export_cli(checkpoint: Path, export_type: str, root: Path) -> Path:
+    """``anomalib export`` of a TDAD checkpoint as ``export_type`` (torch, onnx, openvino) to ``root``; returns root."""
+    args = ["--model", "Tdad", "--export_type", export_type, "--ckpt_path", str(checkpoint), "--export_root", str(root)]
+    run_anomalib("export", *args, cwd=root.parent)
+    return root

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import mvtec_args, run_anomalib
+from conftest import export_cli, mvtec_args, run_anomalib
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 FAST = [
@@ -49,9 +49,7 @@ def test_test_command_with_dotted_model_path_and_old_data_name(cli_trained: tupl
 
 def test_export_to_torch(cli_trained: tuple[Path, Path]) -> None:
     workdir, checkpoint = cli_trained
-    root = workdir / "export_torch"
-    args = ["--model", "Tdad", "--export_type", "torch", "--ckpt_path", str(checkpoint), "--export_root", str(root)]
-    run_anomalib("export", *args, cwd=workdir)
+    root = export_cli(checkpoint, "torch", workdir / "export_torch")
     assert (root / "weights" / "torch" / "model.pt").stat().st_size > 100_000
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Trained, run_anomalib
+from conftest import Trained, export_cli
 from PIL import Image
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
@@ -25,8 +25,7 @@ def exported(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Path
     """
     root = tmp_path_factory.mktemp("export")
     for export_type in ("onnx", "openvino"):
-        args = ["--model", "Tdad", "--export_type", export_type, "--ckpt_path", str(trained.checkpoint)]
-        run_anomalib("export", *args, "--export_root", str(root), cwd=root)
+        export_cli(trained.checkpoint, export_type, root)
     return root
 
 

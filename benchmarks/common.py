@@ -45,13 +45,14 @@ from torchmetrics.functional.classification import binary_auroc
 from tqdm.auto import tqdm
 
 from anomalib_tdad import Tdad
+from anomalib_tdad.models.tdad.teacher import select_layers
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO.parent / "shared" / "data"
 DEFAULT_CATEGORY = "magnetic_tile"
 
 TEACHER = "tf_efficientnet_lite0"
-TDAD_LAYERS = list(inspect.signature(Tdad).parameters["layers"].default)  # TDAD's and RD's: the package default
+TDAD_LAYERS = select_layers(TEACHER, None)[0]  # TDAD's and RD's: the package default (the stride-8/16 levels)
 PEER_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16 like a ResNet's layer1-3: STFPM and PaDiM
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # strides 8 and 16, as PatchCore's layer2 + layer3
 DEFAULT_EPOCHS = inspect.signature(Tdad).parameters["default_epochs"].default  # the package's training length

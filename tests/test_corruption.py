@@ -85,3 +85,12 @@ def test_tdad_hands_anomaly_source_path_to_the_corruption(tmp_path: Path) -> Non
     folder = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=rf"anomaly_source_path {folder} is not a folder of texture images"):
         Tdad(anomaly_source_path=str(folder), pre_trained=False)
+
+
+def test_upper_case_texture_extensions_are_named_in_the_error(tmp_path: Path) -> None:
+    """anomalib finds only lower-case extensions; the error says so instead of leaving the user guessing."""
+    folder = tmp_path / "dtd"
+    folder.mkdir()
+    (folder / "bricks.JPG").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"contains no images.*\.jpg.*lower case only"):
+        Corruption(anomaly_source_path=folder)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 
 class Corruption(nn.Module):
@@ -64,7 +65,10 @@ class Corruption(nn.Module):
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0]).view(1, -1, 1, 1), persistent=False)
         self.perlin = PerlinAnomalyGenerator(anomaly_source_path=anomaly_source_path, probability=perlin_probability)
         if anomaly_source_path is not None and not self.perlin.anomaly_source_paths:
-            msg = f"anomaly_source_path {anomaly_source_path} contains no images."
+            msg = (
+                f"anomaly_source_path {anomaly_source_path} contains no images. anomalib searches it and its "
+                f"sub-folders for files ending in {', '.join(IMG_EXTENSIONS)} (lower case only: rename e.g. *.JPG)."
+            )
             raise FileNotFoundError(msg)
         self.mask_probability = mask_probability
         self.mask_ratio = mask_ratio

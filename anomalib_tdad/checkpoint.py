@@ -4,6 +4,7 @@ Without this check a checkpoint of another teacher fails deep inside ``load_stat
 of tensor shapes, or worse, loads with ``strict=False`` into the wrong network.
 """
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +75,22 @@ def _resolved(hparams: Mapping[str, Any]) -> dict[str, Any]:
     if resolved.get("layers", ()) is None and "backbone" in resolved:
         resolved["layers"] = select_layers(resolved["backbone"], None)[0]
     return resolved
+
+
+_OLD_STATISTICS = re.compile(r"(?P<prefix>.*\.statistics\.)(?P<name>mean|std)_(?P<level>\d+)")
+
+
+def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> None:
+    """Rename, in place, the keys of a checkpoint written by anomalib-tdad 0.1 to this version's.
+
+    0.1 kept the map statistics as ``statistics.mean_0``, ``statistics.std_0`` ... and saved the 2-D blur
+    kernel, which now follows from ``sigma`` and is not saved.
+    """
+    for key in list(state_dict):
+        if key.endswith("anomaly_map_generator.blur.kernel"):
+            del state_dict[key]
+        elif match := _OLD_STATISTICS.fullmatch(key):
+            state_dict[f"{match['prefix']}levels.{match['level']}.{match['name']}"] = state_dict.pop(key)
 
 
 def check_checkpoint(

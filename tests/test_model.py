@@ -370,3 +370,39 @@ def test_weights_to_download_wait_for_training_and_a_checkpoint_makes_them_unnec
     model.load_state_dict(Tdad(backbone="resnet18", pre_trained=False).state_dict())
     assert not model.model.weights_pending
     assert model.model(torch.rand(1, 3, 64, 64)).anomaly_map.shape == (1, 1, 64, 64)
+
+
+def test_a_checkpoint_of_version_0_1_loads_and_scores_the_same(tiny_root, tmp_path) -> None:
+    """0.1 saved the statistics as ``statistics.mean_0`` ... and the 2-D blur kernel; both still load."""
+    from anomalib.data import MVTecAD
+    from anomalib.models.components import GaussianBlur2d
+
+    model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+    datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    trainer = quiet_trainer(model, max_epochs=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    state = checkpoint["state_dict"]
+    prefix = "model.anomaly_map_generator."
+    for level in range(3):
+        for name in ("mean", "std"):
+            state[f"{prefix}statistics.{name}_{level}"] = state.pop(f"{prefix}statistics.levels.{level}.{name}")
+    state[f"{prefix}blur.kernel"] = GaussianBlur2d(sigma=4.0, channels=1, kernel_size=33).kernel
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    restored = Tdad.load_from_checkpoint(tmp_path / "old.ckpt").eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.model(images).anomaly_map, model.eval().model(images).anomaly_map)
+
+
+def test_separable_blur_equals_anomalibs_2d_gaussian_blur() -> None:
+    from anomalib.models.components import GaussianBlur2d
+
+    from anomalib_tdad.models.tdad.anomaly_map import SeparableGaussianBlur
+
+    maps = torch.rand(2, 1, 80, 96)
+    for sigma in (1.0, 4.0, 6.5):
+        expected = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=2 * int(4 * sigma + 0.5) + 1)(maps)
+        torch.testing.assert_close(SeparableGaussianBlur(sigma)(maps), expected, atol=1e-6, rtol=1e-5)

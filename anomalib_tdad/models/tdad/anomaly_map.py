@@ -3,11 +3,33 @@
 from collections.abc import Sequence
 
 import torch
-from anomalib.models.components import DynamicBufferMixin, GaussianBlur2d
+import torch.nn.functional as F  # noqa: N812
+from anomalib.models.components import DynamicBufferMixin
+from kornia.filters import get_gaussian_kernel1d
 from torch import nn
 
 from .loss import cosine_distance
 from .utils import resize
+
+
+class SeparableGaussianBlur(nn.Module):
+    """Gaussian smoothing of ``(B, 1, H, W)`` maps as two 1-D convolutions, reflect-padded to the same size.
+
+    The same result as anomalib's ``GaussianBlur2d`` with a ``2 * int(4 * sigma + 0.5) + 1`` kernel, for
+    ``2 / k`` of its multiply-adds (66 instead of 1089 per pixel at ``sigma = 4``): at full resolution the
+    2-D kernel costs about as much as the teacher. The kernel follows from ``sigma`` and is not saved.
+    """
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.padding = int(4.0 * sigma + 0.5)
+        kernel = get_gaussian_kernel1d(2 * self.padding + 1, sigma).view(1, 1, 1, -1)
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Blur along the width, then along the height."""
+        padded = F.pad(maps, [self.padding] * 4, mode="reflect")
+        return F.conv2d(F.conv2d(padded, self.kernel), self.kernel.transpose(-1, -2))
 
 
 class Moments(DynamicBufferMixin):
@@ -86,8 +108,7 @@ class AnomalyMapGenerator(nn.Module):
             )
             raise ValueError(msg)
         self.level_weights = weights
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-        self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel_size)
+        self.blur = SeparableGaussianBlur(sigma)
         self.statistics = LevelStatistics(levels)
         self.standardize = standardize
 

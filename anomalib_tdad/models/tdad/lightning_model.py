@@ -42,6 +42,7 @@ from anomalib_tdad.checkpoint import (
     check_checkpoint,
     check_finite_terms,
     check_finite_weights,
+    upgrade_state_dict,
 )
 
 from .corruption import Corruption
@@ -175,7 +176,8 @@ class Tdad(AnomalibModule):
         check_finite_weights(checkpoint["state_dict"], self.global_step, self.current_epoch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture, by name."""
+        """Read checkpoints of earlier versions; refuse one of another architecture, by name."""
+        upgrade_state_dict(checkpoint.get("state_dict", {}))
         check_checkpoint(checkpoint, self.hparams, self.state_dict())
         super().on_load_checkpoint(checkpoint)
 

@@ -5,35 +5,22 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
+from conftest import quiet_engine, tiny_datamodule, tiny_model, torch_threads
 from lightning.pytorch import Callback, seed_everything
 
 from anomalib_tdad import Tdad
 from anomalib_tdad.models.tdad.lightning_model import NonFiniteLossError
 
-SIZE = 64  # model input in pixels: small for speed, above the default backbone's minimum of 33
-
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-def make_model() -> Tdad:
-    return Tdad(pre_processor=Tdad.configure_pre_processor(image_size=(SIZE, SIZE)))
-
-
-def make_datamodule(root: Path) -> MVTecAD:
-    return MVTecAD(root=root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
-
-
-def make_engine(path: Path, **kwargs) -> Engine:
-    return Engine(default_root_dir=path, logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 def raw_scores(model: Tdad, root: Path) -> torch.Tensor:
@@ -55,7 +42,7 @@ def test_non_finite_loss_term_stops_training_naming_term_and_step(
     tiny_root: Path, tmp_path: Path, term: str, value: float
 ) -> None:
     seed_everything(0)
-    model = make_model()
+    model = tiny_model()
     loss = model.loss.forward
     calls = []
 
@@ -67,10 +54,10 @@ def test_non_finite_loss_term_stops_training_naming_term_and_step(
         return total, terms
 
     model.loss.forward = failing_at_third_step
-    engine = make_engine(tmp_path, max_epochs=2)
+    engine = quiet_engine(tmp_path, max_epochs=2)
     expected = rf"TDAD's {term.upper()} loss became {value} at global step 2 \(epoch 0\)"
     with pytest.raises(NonFiniteLossError, match=expected):
-        engine.fit(model, datamodule=make_datamodule(tiny_root))
+        engine.fit(model, datamodule=tiny_datamodule(tiny_root))
     assert len(calls) == 3  # stopped at once
     assert not list(tmp_path.rglob("*.ckpt"))  # and no checkpoint holds the broken model
 
@@ -85,18 +72,18 @@ def test_non_finite_weights_are_never_checkpointed(tiny_root: Path, tmp_path: Pa
                     pl_module.model.student.decoder.heads[0].weight.fill_(float("nan"))
 
     seed_everything(0)
-    engine = make_engine(tmp_path, max_epochs=1, callbacks=[PoisonLastStep()])
+    engine = quiet_engine(tmp_path, max_epochs=1, callbacks=[PoisonLastStep()])
     match = r"weights became non-finite \(model\.student\.decoder\.heads\.0\.weight.* the checkpoint was not written"
     with pytest.raises(NonFiniteLossError, match=match):
-        engine.fit(make_model(), datamodule=make_datamodule(tiny_root))
+        engine.fit(tiny_model(), datamodule=tiny_datamodule(tiny_root))
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_training_without_validation_still_checkpoints(tiny_root: Path, tmp_path: Path) -> None:
     """No validation pass leaves the post-processor's thresholds NaN; that is not a broken model."""
     seed_everything(0)
-    engine = make_engine(tmp_path, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
-    engine.fit(make_model(), datamodule=make_datamodule(tiny_root))
+    engine = quiet_engine(tmp_path, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
+    engine.fit(tiny_model(), datamodule=tiny_datamodule(tiny_root))
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.isnan(state["post_processor._image_threshold"]).all()  # unfitted, as anomalib leaves it
@@ -208,9 +195,9 @@ def test_a_finished_run_extended_from_its_checkpoint_ends_like_an_uninterrupted_
 
     def fit(epochs: int, name: str, ckpt_path: Path | None = None) -> Tdad:
         seed_everything(7)
-        model = make_model()
-        make_engine(tmp_path / name, max_epochs=epochs).fit(
-            model, datamodule=make_datamodule(tiny_root), ckpt_path=ckpt_path
+        model = tiny_model()
+        quiet_engine(tmp_path / name, max_epochs=epochs).fit(
+            model, datamodule=tiny_datamodule(tiny_root), ckpt_path=ckpt_path
         )
         return model
 
@@ -228,8 +215,8 @@ def test_a_finished_run_extended_from_its_checkpoint_ends_like_an_uninterrupted_
 def test_same_seed_gives_same_scores(tiny_root: Path, tmp_path: Path) -> None:
     def train_and_predict(seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         seed_everything(seed)
-        model, datamodule = make_model(), make_datamodule(tiny_root)
-        engine = make_engine(tmp_path / name, max_epochs=1)
+        model, datamodule = tiny_model(), tiny_datamodule(tiny_root)
+        engine = quiet_engine(tmp_path / name, max_epochs=1)
         engine.fit(model, datamodule=datamodule)
         normalized = torch.cat([batch.pred_score for batch in engine.predict(model, datamodule=datamodule)])
         return raw_scores(model, tiny_root), normalized

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 import torch
 from anomalib.data import InferenceBatch
+from conftest import tiny_datamodule
 from lightning.pytorch import Trainer
 
 from anomalib_tdad import Tdad
@@ -238,11 +239,9 @@ def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
 
 
 def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -> None:
-    from anomalib.data import MVTecAD
-
     def epochs_trained(**trainer_kwargs: int) -> int:
         model = untrained_tdad(default_epochs=2)
-        datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
+        datamodule = tiny_datamodule(tiny_root, batch_size=8)
         trainer = quiet_trainer(model, limit_train_batches=1, limit_val_batches=1, **trainer_kwargs)
         trainer.fit(model, datamodule=datamodule)
         return trainer.current_epoch
@@ -298,11 +297,9 @@ def test_standardized_map_peaks_at_the_defect_not_where_the_student_is_always_po
 
 
 def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoint(tiny_root, tmp_path) -> None:
-    from anomalib.data import MVTecAD
-
     kwargs = {"backbone": "resnet18", "layers": ("layer1", "layer2", "layer3"), "pre_trained": False}
     model = Tdad(**kwargs, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
-    datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    datamodule = tiny_datamodule(tiny_root, batch_size=8)
     trainer = quiet_trainer(model, max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=datamodule)
     statistics = model.model.anomaly_map_generator.statistics
@@ -326,8 +323,6 @@ def test_map_statistics_are_fitted_after_training_and_restored_from_the_checkpoi
 def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode(
     tiny_root, tmp_path, monkeypatch
 ) -> None:
-    from anomalib.data import MVTecAD
-
     from anomalib_tdad.models.tdad.anomaly_map import LevelStatistics
 
     counts: list[int] = []
@@ -336,7 +331,7 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
         LevelStatistics, "fit", lambda self, s, q, count: (counts.append(count), fit(self, s, q, count))
     )
     model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
-    datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=2, eval_batch_size=2, num_workers=0)
+    datamodule = tiny_datamodule(tiny_root, batch_size=2)
     trainer = quiet_trainer(model, max_epochs=1, limit_train_batches=2, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=datamodule)
     assert counts and set(counts) == {4}  # 2 batches of 2, not the 16 training images
@@ -374,11 +369,10 @@ def test_weights_to_download_wait_for_training_and_a_checkpoint_makes_them_unnec
 
 def test_a_checkpoint_of_version_0_1_loads_and_scores_the_same(tiny_root, tmp_path) -> None:
     """0.1 saved the statistics as ``statistics.mean_0`` ... and the 2-D blur kernel; both still load."""
-    from anomalib.data import MVTecAD
     from anomalib.models.components import GaussianBlur2d
 
     model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
-    datamodule = MVTecAD(root=tiny_root, category="brick", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    datamodule = tiny_datamodule(tiny_root, batch_size=8)
     trainer = quiet_trainer(model, max_epochs=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=datamodule)
     trainer.save_checkpoint(tmp_path / "new.ckpt")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ warnings.filterwarnings("ignore")  # before anomalib's imports, which warn about
 
 from anomalib.callbacks import ModelCheckpoint
 from anomalib.data import MVTecAD
+from anomalib.data.utils import ValSplitMode
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
@@ -88,13 +90,62 @@ def quiet() -> None:
 # --------------------------------------------------------------------------------------------- models
 
 
-def make_evaluator() -> Evaluator:
-    """Test metrics of every benchmark: image AUROC, pixel AUROC and PRO (anomalib's AUPRO, FPR limit 0.3)."""
+def defect_type(image_path: str | Path) -> str:
+    """The defect type of a test image: the name of its folder (MVTec AD layout: ``test/<type>/<image>``)."""
+    return Path(image_path).parent.name
+
+
+def defect_types(dataset: Any, good: str = "good") -> list[str]:
+    """The defect types of an anomalib test dataset, sorted; none unless its normal images lie in ``good/``.
+
+    Only MVTec-AD-layout sets (``test/good``, ``test/<type>``) name their defect types by folder; others
+    (Kolektor's ``kosNN`` parts) mix normal and defective images in a folder and get no per-type metrics.
+    """
+    folders = {defect_type(path) for path in dataset.samples.image_path}
+    return sorted(folders - {good}) if good in folders else []
+
+
+class DefectTypeAUROC(AUROC):
+    """anomalib's pixel AUROC over the test images of one defect type together with the normal (``good``) ones.
+
+    Images are grouped by their folder, the parent of ``image_path`` (MVTec AD layout: ``test/<type>/``): the
+    metric keeps the batch's images of type ``defect_type`` or ``good`` and passes those to anomalib's
+    ``AUROC``. It logs as ``pixel_AUROC[<type>]``. One instance per defect type goes into an ``Evaluator``.
+    """
+
+    def __init__(self, defect_type: str, good: str = "good", **kwargs: Any) -> None:
+        kwargs.setdefault("fields", ["anomaly_map", "gt_mask"])
+        kwargs.setdefault("prefix", "pixel_")
+        prefix = kwargs["prefix"]
+        super().__init__(**kwargs)
+        self.defect_type, self.good = defect_type, good
+        self.name = f"{prefix}AUROC[{defect_type}]"
+
+    def update(self, batch: Any, *args: Any, **kwargs: Any) -> None:
+        """Update with the images of ``defect_type`` and ``good`` in ``batch`` (skipped when it has none)."""
+        chosen = [
+            index
+            for index, path in enumerate(getattr(batch, "image_path", None) or [])
+            if defect_type(path) in {self.defect_type, self.good}
+        ]
+        if not chosen:
+            return
+        fields = {}
+        for field in self.fields:
+            value = getattr(batch, field, None)
+            fields[field] = None if value is None else value[torch.as_tensor(chosen, device=value.device)]
+        super().update(SimpleNamespace(**fields), *args, **kwargs)
+
+
+def make_evaluator(types: Sequence[str] = ()) -> Evaluator:
+    """Test metrics of every benchmark: image AUROC, pixel AUROC, PRO (anomalib's AUPRO, FPR limit 0.3), and
+    the pixel AUROC of each of ``types`` (:class:`DefectTypeAUROC`)."""
     return Evaluator(
         test_metrics=[
             AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
             AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
+            *(DefectTypeAUROC(kind, strict=False) for kind in types),
         ],
     )
 
@@ -133,12 +184,17 @@ class MinMaxPostProcessor(PostProcessor):
 
 
 def build_model(
-    kind: str, image_size: int, coreset_ratio: float = 0.001, tdad_args: dict[str, Any] | None = None
+    kind: str,
+    image_size: int,
+    coreset_ratio: float = 0.001,
+    tdad_args: dict[str, Any] | None = None,
+    model_class: type[AnomalibModule] | None = None,
 ) -> AnomalibModule:
     """One of ``LABELS``' models on the Lite0 teacher at ``image_size``, with the benchmark metrics.
 
     ``rd`` is TDAD with ``lambda_scd = lambda_dmd = 0``: plain reverse distillation on the same teacher
     (anomalib's ``ReverseDistillation`` has decoders for ResNets only). ``tdad_args`` go to both.
+    ``model_class``: a subclass of the model's class to build instead (``speed.py``'s random-bank PatchCore).
     """
     teacher = {"backbone": TEACHER, "layers": PEER_LAYERS}
     models: dict[str, tuple[type[AnomalibModule], dict[str, Any]]] = {
@@ -155,6 +211,7 @@ def build_model(
         msg = f"Unknown model {kind!r}; choose from {sorted(models)}."
         raise ValueError(msg)
     cls, kwargs = models[kind]
+    cls = model_class or cls
     return cls(
         **kwargs,
         pre_processor=cls.configure_pre_processor(image_size=(image_size, image_size)),
@@ -220,15 +277,26 @@ def make_datamodule(data: DataConfig) -> MVTecAD:
         eval_batch_size=data.batch_size,
         num_workers=data.num_workers,
     )
+    return limit_datamodule(datamodule, data.train_limit, data.test_limit)
+
+
+def limit_datamodule(datamodule: Any, train_limit: int = 0, test_limit: int = 0) -> Any:
+    """Set up an anomalib datamodule and cut it to a fixed random subset (0: all images); returns it.
+
+    ``train_limit`` random training images; about ``test_limit`` test images, drawn per label in proportion,
+    at least one of each. The subsets depend on nothing but the limits (the same images for every model and
+    seed). A validation set that is the test set (anomalib's default) becomes the cut test set.
+    """
     datamodule.setup(TrainerFn.FITTING)  # marks it set up, so the trainer keeps the subsets made below
-    rng = np.random.default_rng(0)  # the same images for every model and seed
-    if 0 < data.train_limit < len(datamodule.train_data):
-        indices = rng.choice(len(datamodule.train_data), data.train_limit, replace=False)
+    rng = np.random.default_rng(0)
+    if 0 < train_limit < len(datamodule.train_data):
+        indices = rng.choice(len(datamodule.train_data), train_limit, replace=False)
         datamodule.train_data = datamodule.train_data.subsample(sorted(indices.tolist()))
-    if 0 < data.test_limit < len(datamodule.test_data):
+    if 0 < test_limit < len(datamodule.test_data):
         labels = datamodule.test_data.samples.label_index.to_numpy()
-        datamodule.test_data = datamodule.test_data.subsample(_per_label_subset(labels, data.test_limit, rng))
-        datamodule.val_data = datamodule.test_data.subsample(range(len(datamodule.test_data)))
+        datamodule.test_data = datamodule.test_data.subsample(_per_label_subset(labels, test_limit, rng))
+        if datamodule.val_split_mode == ValSplitMode.SAME_AS_TEST:
+            datamodule.val_data = datamodule.test_data.subsample(range(len(datamodule.test_data)))
     return datamodule
 
 
@@ -455,17 +523,35 @@ def setup_run(args: argparse.Namespace, script: str) -> Path:
 
 
 def device_info() -> str:
-    """The machine in words: GPU or CPU model, cores and torch threads."""
-    threads = f"torch threads {torch.get_num_threads()}"
+    """The machine in words: GPU or CPU model and logical cores."""
     if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)}, {threads}"
+        return f"GPU {torch.cuda.get_device_name(0)}"
     cpu = platform.processor() or platform.machine()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {cpu} ({os.cpu_count()} logical cores), {threads}"
+    return f"CPU {cpu} ({os.cpu_count()} logical cores)"
+
+
+def thread_info() -> str:
+    """torch's CPU thread count and the OpenMP setting it came from."""
+    return f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def versions() -> str:
+    """Python and the versions of the packages a benchmark's numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "torchvision", "lightning", "anomalib", "timm", "anomalib-tdad"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return f"Python {platform.python_version()}, " + ", ".join(found)
 
 
 def git_commit() -> str:
@@ -483,17 +569,16 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def run_info() -> dict[str, str]:
-    """Command line, date, commit, device and library versions, for the head of every report."""
-    import anomalib
-    import timm
-
+def run_info(command: Sequence[str] | None = None) -> dict[str, str]:
+    """Command line (default: ``sys.argv``), date, commit, device, threads and package versions, for the head of
+    every report."""
     return {
-        "Command": "`python " + shlex.join(sys.argv) + "`",
+        "Command": "`python " + shlex.join(sys.argv if command is None else command) + "`",
         "Date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "Git commit": git_commit(),
         "Device": device_info(),
-        "Versions": f"torch {torch.__version__}, anomalib {anomalib.__version__}, timm {timm.__version__}",
+        "Threads": thread_info(),
+        "Versions": versions(),
     }
 
 
@@ -576,9 +661,9 @@ def finish_report(output: Path, title: str, sections: list[str], results: pd.Dat
     return 1 if failed else 0
 
 
-def write_report(path: Path, title: str, sections: Sequence[str]) -> None:
-    """Write a Markdown report: title, run information, then ``sections``."""
-    info = "\n".join(f"- **{key}:** {value}" for key, value in run_info().items())
+def write_report(path: Path, title: str, sections: Sequence[str], command: Sequence[str] | None = None) -> None:
+    """Write a Markdown report: title, run information (``command``: see :func:`run_info`), then ``sections``."""
+    info = "\n".join(f"- **{key}:** {value}" for key, value in run_info(command).items())
     path.write_text(f"# {title}\n\n{info}\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
 
 
@@ -595,50 +680,78 @@ def pyplot() -> Any:
     return plt
 
 
-def bar_plot(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str, by: str = "model") -> None:
-    """Grouped bars: one group per metric, one bar per model, error bars = std over seeds."""
-    plt = pyplot()
+def _bars(ax: Any, summary: pd.DataFrame, columns: Sequence[str], title: str, by: str, colors: dict[str, Any]) -> None:
+    """Grouped bars on ``ax``: one group per metric, one bar per row of ``summary``, error bars = its std."""
     width = 0.8 / max(1, len(summary))
-    fig, ax = plt.subplots(figsize=(1.6 + 2.2 * len(columns), 4))
     for index, (_, row) in enumerate(summary.iterrows()):
         positions = np.arange(len(columns)) + (index - (len(summary) - 1) / 2) * width
         means = [row[f"{c}_mean"] for c in columns]
         errors = [0 if math.isnan(row[f"{c}_std"]) else row[f"{c}_std"] for c in columns]
-        ax.bar(positions, means, width, yerr=errors, capsize=3, label=row[by])
+        ax.bar(positions, means, width, yerr=errors, capsize=3, label=row[by], color=colors[row[by]])
     ax.set_xticks(np.arange(len(columns)), columns)
     lowest = np.nanmin(summary[[f"{c}_mean" for c in columns]].to_numpy(dtype=float), initial=1.0)
     ax.set_ylim(max(0.0, lowest - 0.1), 1.0)
-    ax.set_title(title)
-    ax.legend(
-        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(summary)), frameon=False
-    )
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+
+
+def bar_plot(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str, by: str = "model") -> None:
+    """Grouped bars: one group per metric, one bar per model, error bars = std over seeds."""
+    bar_panels({title: summary}, columns, path, by=by)
+
+
+def bar_panels(panels: dict[str, pd.DataFrame], columns: Sequence[str], path: Path, by: str = "model") -> None:
+    """One panel of grouped bars (:func:`bar_plot`) per entry of ``panels`` (title: summary), one shared legend."""
+    plt = pyplot()
+    per_row = min(3, len(panels))
+    rows = math.ceil(len(panels) / per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=((1.6 + 2.2 * len(columns)) * per_row, 3.6 * rows), squeeze=False)
+    labels = list(dict.fromkeys(label for summary in panels.values() for label in summary[by]))
+    palette = plt.get_cmap("tab10")
+    colors = {label: palette(index % 10) for index, label in enumerate(labels)}  # one colour per model everywhere
+    for ax, (title, summary) in zip(axes.flat, panels.items(), strict=False):
+        _bars(ax, summary, columns, title, by, colors)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[label]) for label in labels]
+    fig.legend(handles, labels, fontsize="small", loc="lower center", ncol=min(5, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.12 / rows, 1, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def defect_examples(datamodule: MVTecAD, count: int, image_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """``count`` defective test images, one defect type after another: names, images, masks at ``image_size``."""
-    samples = datamodule.test_data.samples
-    by_type = [list(group.index) for _, group in samples[samples.label_index == 1].groupby("label", sort=True)]
+def defect_examples(datamodule: Any, count: int, image_size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``count`` defective test images, one folder (defect type) after another: names, images, masks, resized
+    to ``image_size`` (images bilinear, masks nearest)."""
+    samples = datamodule.test_data.samples.reset_index(drop=True)
+    defective = samples[samples.label_index == 1]
+    folders = defective.image_path.map(defect_type)
+    by_type = [list(group.index) for _, group in defective.groupby(folders, sort=True)]
     longest = max(map(len, by_type), default=0)
     picked = [group[i] for i in range(longest) for group in by_type if i < len(group)][:count]
     size = (image_size, image_size)
     names, images, masks = [], [], []
     for index in picked:
         item = datamodule.test_data[index]
-        names.append(f"{samples.label[index]}/{Path(samples.image_path[index]).stem}")
+        path = Path(samples.image_path[index])
+        names.append(f"{path.parent.name}/{path.stem}")
         images.append(F.interpolate(item.image[None], size=size, mode="bilinear", align_corners=False)[0])
         masks.append(F.interpolate(item.gt_mask[None, None].float(), size=size, mode="nearest")[0, 0])
+    if not picked:
+        return [], torch.empty(0, 3, *size), torch.empty(0, *size)
     return names, torch.stack(images), torch.stack(masks)
 
 
 @torch.no_grad()
 def predict_maps(model: AnomalibModule, images: torch.Tensor) -> np.ndarray:
-    """Post-processed anomaly maps of ``images`` (min-max scaled over the test set), ``(N, H, W)``."""
+    """Post-processed anomaly maps of ``images`` (min-max scaled over the validation set), ``(N, H, W)`` at the
+    images' size."""
     model.eval()
     device = next(model.parameters()).device
-    return model(images.to(device)).anomaly_map.squeeze(1).float().cpu().numpy()
+    maps = model(images.to(device)).anomaly_map.float()
+    maps = maps.reshape(len(images), 1, *maps.shape[-2:])
+    maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return maps[:, 0].cpu().numpy()
 
 
 def heatmap_sheet(

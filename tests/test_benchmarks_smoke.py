@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -21,7 +22,7 @@ import yaml
 from anomalib.data import ImageBatch
 from anomalib.metrics import AUROC
 from anomalib.post_processing import PostProcessor
-from conftest import run_command
+from conftest import run_command, torch_threads
 from sklearn.metrics import roc_auc_score
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -36,10 +37,10 @@ MVTEC_CATEGORIES = {
 }  # fmt: skip
 
 
-def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``benchmarks/<script>`` with this interpreter (one thread unless OMP_NUM_THREADS says otherwise)."""
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-    return run_command(sys.executable, str(BENCHMARKS / script), *args, cwd=cwd, threads=threads)
+    return run_command(sys.executable, str(BENCHMARKS / script), *args, cwd=cwd, threads=threads, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -171,22 +172,55 @@ def test_ablation_writes_one_row_per_loss_configuration(tiny_root: Path, tmp_pat
     assert_png(output / "metrics.png")
 
 
-def test_speed_measures_tdad_and_the_teacher_with_openvino_and_streaming(tiny_root: Path, tmp_path: Path) -> None:
-    output = tmp_path / "speed"
+def run_speed(tiny_root: Path, output: Path, *extra: str) -> pd.DataFrame:
+    """``speed.py`` on TDAD at 64 px, one thread, 8 training and 8 timed images, 24 streamed; its ``speed.csv``."""
     args = ["--root", str(tiny_root), "--category", "brick", "--image-size", "64", "--models", "tdad", "--threads", "1"]
-    args += ["--train-images", "8", "--infer-images", "8", "--stream-images", "24", "--output", str(output)]
-    run_script("speed.py", *args, cwd=tmp_path)
+    args += ["--train-images", "8", "--infer-images", "8", "--stream-images", "24", "--output", str(output), *extra]
+    run_script("speed.py", *args, cwd=output.parent)
     speed = pd.read_csv(output / "speed.csv").set_index("model")
     assert speed.index.tolist() == ["TDAD", "teacher only"]
     assert speed.error.isna().all()
     assert speed.loc["TDAD", "train_s_per_epoch"] > 0
-    for column in ["eager_images_per_s", "openvino_images_per_s", "eager_mem_mb", "openvino_mem_mb"]:
+    for column in ["eager_images_per_s", "eager_mem_mb"]:
         assert (speed[column] > 0).all(), column
+    return speed
+
+
+def test_speed_measures_tdad_and_the_teacher_with_streaming(tiny_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "speed"
+    speed = run_speed(tiny_root, output, "--no-openvino")
+    assert speed.openvino_images_per_s.isna().all()
     stream = pd.read_csv(output / "stream.csv")
     assert stream.images.tolist() == [0, 8, 16, 24]
     assert (stream.rss_mb > 0).all()
     assert_report(output / "report.md", ["TDAD / teacher only", "Streaming"])
     assert_png(output / "stream.png")
+
+
+@pytest.mark.slow
+def test_speed_times_the_openvino_exports(tiny_root: Path, tmp_path: Path) -> None:
+    """The OpenVINO exports alone take about half a minute on 2 cores."""
+    speed = run_speed(tiny_root, tmp_path / "speed")
+    for column in ["openvino_images_per_s", "openvino_mem_mb"]:
+        assert (speed[column] > 0).all(), column
+
+
+def test_speed_random_bank_patchcore_overrides_fit_in_a_subclass(common: ModuleType) -> None:
+    """speed.py's PatchCore with a random bank of anomalib's default ratio changes no anomalib class."""
+    from anomalib.models import Patchcore
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    speed = importlib.import_module("speed")
+    before = dict(vars(Patchcore)), dict(vars(PatchcoreModel))
+    model = speed.patchcore_default_bank(64)
+    assert type(model) is speed.RandomBankPatchcore and isinstance(model, Patchcore)
+    patches = torch.arange(200.0).repeat(3, 1).T  # 200 distinct embeddings
+    model.model.embedding_store.extend(patches.split(50))
+    model.fit()
+    assert model.model.memory_bank.shape == (int(200 * speed.ANOMALIB_CORESET_RATIO), 3)
+    assert set(model.model.memory_bank[:, 0].tolist()) <= set(range(200)) and not model.model.embedding_store
+    assert (dict(vars(Patchcore)), dict(vars(PatchcoreModel))) == before
+    assert "subsample_embedding" not in vars(model.model)
 
 
 def model_entries(config_name: str) -> list[dict]:
@@ -256,3 +290,256 @@ def test_benchmark_epochs_default_to_the_package_training_length(common: ModuleT
     assert epochs("patchcore") == epochs("padim") == 1
     override = common.parse_epochs(parser.parse_args(["--max-epochs", "10", "stfpm=20"]).max_epochs)
     assert (override("tdad"), override("stfpm"), override("padim")) == (10, 20, 1)
+
+
+# ------------------------------------------------------------------------------------------ the harness
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[ModuleType]:
+    """``benchmarks/benchmark.py``, imported by name (it imports ``common`` beside it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module("benchmark")
+
+
+BROKEN = {"class_path": "Padim", "label": "broken", "init_args": {"no_such_argument": 1}}
+
+
+def tiny_config(root: Path, models: list[dict], path: Path) -> Path:
+    """A one-seed, one-epoch benchmark config over ``models`` on the tiny ``brick`` set, written to ``path``."""
+    data = {"root": str(root), "category": "brick", "train_batch_size": 4, "eval_batch_size": 4, "num_workers": 0}
+    config = {
+        "accelerator": "cpu",
+        "trainer": {"max_epochs": 1},
+        "benchmark": {"seed": 0, "model": {"grid": models}, "data": {"class_path": "MVTecAD", "init_args": data}},
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def anomalib_classes() -> dict[type, dict]:
+    """The namespaces of the anomalib classes (and the plugin's model) a benchmark run touches."""
+    from anomalib.data import AnomalibDataModule, MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.metrics import AUPRO, AnomalibMetric, Evaluator
+    from anomalib.models import AnomalibModule, Padim, Patchcore
+    from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
+    from anomalib.pipelines.benchmark.job import BenchmarkJob
+
+    from anomalib_tdad import Tdad
+
+    classes = [PostProcessor, AnomalibModule, Engine, Evaluator, AUROC, AUPRO, AnomalibMetric, AnomalibDataModule]
+    classes += [MVTecAD, Patchcore, Padim, Tdad, BenchmarkJob, BenchmarkJobGenerator]
+    return {cls: dict(vars(cls)) for cls in classes}
+
+
+@dataclass
+class HarnessRun:
+    """One in-process harness run on the tiny set: its exit code, output folder and anomalib before/after."""
+
+    code: int
+    output: Path
+    before: dict[type, dict]
+    after: dict[type, dict]
+
+
+@pytest.fixture(scope="module")
+def harness_run(harness: ModuleType, tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> HarnessRun:
+    """TDAD and PatchCore (1 epoch, 64 px) plus an entry with an argument Padim does not take."""
+    folder = tmp_path_factory.mktemp("harness")
+    patchcore = {
+        "backbone": "tf_efficientnet_lite0",
+        "layers": ["blocks.2", "blocks.4"],
+        "coreset_sampling_ratio": 0.05,
+    }
+    models = [{"class_path": "Tdad"}, {"class_path": "Patchcore", "init_args": patchcore}, BROKEN]
+    config = tiny_config(tiny_root, models, folder / "tiny.yaml")
+    before = anomalib_classes()
+    with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
+        args = ["--config", str(config), "--image-size", "64", "--heatmaps", "2", "--output", str(folder / "out")]
+        code = harness.main(args)
+    return HarnessRun(code, folder / "out", before, anomalib_classes())
+
+
+def test_harness_writes_a_row_per_job_with_pro_and_per_type_auroc(harness_run: HarnessRun, tiny_root: Path) -> None:
+    results = pd.read_csv(harness_run.output / "results.csv")
+    assert results.model.tolist() == ["TDAD", "PatchCore", "broken"]
+    assert results.status.tolist() == ["ok", "ok", "failed"]
+    assert (results.dataset == "MVTecAD/brick").all() and (results.seed == 0).all()
+    done = results[results.status == "ok"]
+    assert done.error.isna().all() and (done.epochs == 1).all() and (done.fit_s > 0).all()
+    assert_scores(done, METRICS)
+    defect_types = sorted(path.name for path in (tiny_root / "brick" / "test").iterdir() if path.name != "good")
+    by_type = [column.removeprefix(TYPE_PREFIX) for column in results.columns if column.startswith(TYPE_PREFIX)]
+    assert by_type == defect_types
+    assert_scores(done, [TYPE_PREFIX + kind for kind in defect_types])
+    assert results.loc[2, "model.class_path"] == "Padim"  # the job's flat config, as anomalib's rows have it
+    summary = pd.read_csv(harness_run.output / "summary.csv")
+    assert summary.model.tolist() == ["TDAD", "PatchCore"] and (summary.runs == 1).all()
+    as_run = yaml.safe_load((harness_run.output / "config.yaml").read_text(encoding="utf-8"))
+    assert [entry.get("label") for entry in as_run["benchmark"]["model"]["grid"]] == [None, None, "broken"]
+
+
+def test_harness_reports_plots_and_draws_heatmaps(harness_run: HarnessRun) -> None:
+    needles = ["TDAD", "PatchCore", *METRICS, "by defect type", "heatmaps.png", "metrics.png", "Versions:", "64 × 64"]
+    assert_report(harness_run.output / "report.md", needles)
+    assert_png(harness_run.output / "metrics.png")
+    assert_png(harness_run.output / "heatmaps.png")
+
+
+def test_harness_fails_the_run_when_a_job_fails(harness_run: HarnessRun) -> None:
+    assert harness_run.code == 1
+    results = pd.read_csv(harness_run.output / "results.csv")
+    assert "no_such_argument" in results.error.iloc[2]
+    report = (harness_run.output / "report.md").read_text(encoding="utf-8")
+    assert "Failed jobs" in report and "no_such_argument" in report
+
+
+def test_harness_leaves_anomalib_untouched(harness_run: HarnessRun) -> None:
+    """No anomalib class gains, loses or rebinds an attribute (``PostProcessor._normalize`` among them)."""
+    assert harness_run.before.keys() == harness_run.after.keys()
+    for cls, before in harness_run.before.items():
+        after = harness_run.after[cls]
+        assert after.keys() == before.keys(), cls
+        changed = [name for name in before if after[name] is not before[name]]
+        assert not changed, (cls, changed)
+    assert "_normalize" in harness_run.before[PostProcessor]  # the method run_benchmark.py used to rebind
+
+
+def test_harness_command_exits_non_zero_when_a_job_fails(tmp_path: Path) -> None:
+    """The script as run from a shell (anomalib's own benchmark command exits 0 then)."""
+    (tmp_path / "data" / "brick").mkdir(parents=True)
+    config = tiny_config(tmp_path / "data", [BROKEN], tmp_path / "broken.yaml")
+    args = ["--config", str(config), "--output", str(tmp_path / "out")]
+    failed = run_script("benchmark.py", *args, cwd=tmp_path, check=False)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert "1 of 1 job(s) FAILED" in failed.stdout
+    assert pd.read_csv(tmp_path / "out" / "results.csv").status.tolist() == ["failed"]
+
+
+def test_harness_refuses_missing_data_and_bad_configs_before_running(
+    harness: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_config(tmp_path / "nowhere", [{"class_path": "Tdad"}], tmp_path / "missing.yaml")
+    assert harness.main(["--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing ran
+    config = tiny_config(tmp_path, [{"class_path": "Tdad", "lable": "typo"}], tmp_path / "typo.yaml")
+    assert harness.main(["--config", str(config)]) == 2
+    assert "lable" in capsys.readouterr().err
+    twice = [{"class_path": "Tdad"}, {"class_path": "Tdad", "init_args": {"margin": 0.3}}]
+    assert harness.main(["--config", str(tiny_config(tmp_path, twice, tmp_path / "twice.yaml"))]) == 2
+    assert "distinct 'label:'" in capsys.readouterr().err
+
+
+def test_defect_type_auroc_scores_each_type_with_the_good_images(common: ModuleType) -> None:
+    def batch(kind: str, inside: float) -> SimpleNamespace:
+        masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+        maps = torch.full((2, 16, 16), 0.2)  # post-processed maps lie in [0, 1]
+        if kind != "good":
+            masks[:, 4:8, 4:8] = True
+            maps[:, 4:8, 4:8] = inside
+        paths = [f"root/test/{kind}/{index}.png" for index in range(2)]
+        return SimpleNamespace(anomaly_map=maps, gt_mask=masks, image_path=paths)
+
+    evaluator = common.make_evaluator(["found", "missed"])
+    by_name = {metric.name: metric for metric in evaluator.test_metrics}
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "pixel_AUROC[found]", "pixel_AUROC[missed]"} == set(by_name)
+    assert by_name["pixel_AUPRO"].fpr_limit == pytest.approx(0.3)
+    found, missed = by_name["pixel_AUROC[found]"], by_name["pixel_AUROC[missed]"]
+    batches = [batch("good", 0.0), batch("found", 1.0), batch("missed", 0.0), batch("good", 0.0)]
+    for item in batches:
+        found.update(item)
+        missed.update(item)
+    assert found.compute().item() == pytest.approx(1.0)
+    assert missed.compute().item() == pytest.approx(0.0)
+    # the same as scikit-learn over that type's images and the good ones
+    chosen = [item for item in batches if item.image_path[0].split("/")[2] in {"good", "found"}]
+    maps = torch.cat([item.anomaly_map for item in chosen]).flatten()
+    masks = torch.cat([item.gt_mask for item in chosen]).flatten()
+    assert found.compute().item() == pytest.approx(roc_auc_score(masks.numpy(), maps.numpy()))
+
+
+def test_defect_types_need_a_good_folder(common: ModuleType) -> None:
+    mvtec = SimpleNamespace(samples=pd.DataFrame({"image_path": ["r/test/good/0.png", "r/test/crack/1.png"]}))
+    kolektor = SimpleNamespace(samples=pd.DataFrame({"image_path": ["r/kos01/Part0.jpg", "r/kos02/Part5.jpg"]}))
+    assert common.defect_types(mvtec) == ["crack"]
+    assert common.defect_types(kolektor) == []
+
+
+def test_epochs_come_from_the_model_the_command_line_the_entry_the_trainer_then_default_epochs(
+    harness: ModuleType,
+) -> None:
+    """Memory banks keep their one epoch; TDAD's ``default_epochs`` applies when nothing sets a length."""
+    tdad = SimpleNamespace(trainer_arguments={"num_sanity_val_steps": 0}, default_epochs=40)
+    stfpm = SimpleNamespace(trainer_arguments={})
+    patchcore = SimpleNamespace(trainer_arguments={"max_epochs": 1})
+
+    def epochs(model: SimpleNamespace, cli: int | None = None, entry: int | None = None, trainer: int | None = None):
+        container = {"seed": 0, "model": {"class_path": "X", **({"max_epochs": entry} if entry else {})}, "data": {}}
+        options = harness.Options(max_epochs=cli, trainer={"max_epochs": trainer} if trainer else {})
+        return harness.Job("cpu", container, options).epochs(model)
+
+    assert epochs(tdad) == 40
+    assert epochs(tdad, trainer=5) == 5
+    assert epochs(tdad, entry=7, trainer=5) == 7
+    assert epochs(tdad, cli=3, entry=7, trainer=5) == 3
+    assert epochs(patchcore, cli=3, entry=7, trainer=5) == 1
+    assert epochs(stfpm, entry=7) == 7
+    with pytest.raises(ValueError, match="no training length"):
+        epochs(stfpm)
+
+
+def test_summary_has_mean_and_sample_std_per_dataset_and_the_mean_over_datasets(harness: ModuleType) -> None:
+    rows = [
+        {"model": model, "dataset": dataset, "seed": seed, "status": "ok", "image AUROC": value}
+        for model, offset in [("A", 0.0), ("B", 0.1)]
+        for dataset, base in [("one", 0.5), ("two", 0.7)]
+        for seed, value in enumerate([base + offset, base + offset + 0.1])
+    ]
+    rows.append({"model": "C", "dataset": "one", "seed": 0, "status": "ok", "image AUROC": 0.9})  # not on "two"
+    rows.append({"model": "A", "dataset": "one", "seed": 2, "status": "failed", "image AUROC": float("nan")})
+    summary = harness.summarize(pd.DataFrame(rows), ["image AUROC"]).set_index(["dataset", "model"])
+    assert summary.loc[("one", "A"), "image AUROC_mean"] == pytest.approx(0.55)
+    assert summary.loc[("one", "A"), "image AUROC_std"] == pytest.approx(0.1 / 2**0.5)
+    assert summary.loc[("one", "A"), "runs"] == 2
+    assert summary.loc[(harness.MEAN_LABEL, "B"), "image AUROC_mean"] == pytest.approx(0.75)
+    assert (harness.MEAN_LABEL, "C") not in summary.index
+
+
+def test_dev_and_ablation_configs_expand_to_their_grids(harness: ModuleType) -> None:
+    expected = {
+        "dev.yaml": ["TDAD", "RD (TDAD λs=λd=0, same teacher)", "PatchCore", "PaDiM", "STFPM"],
+        "ablation.yaml": ["GKD", "GKD+SCD", "GKD+DMD", "GKD+SCD+DMD"],
+    }
+    args = harness.parse_args(["--config", "unused"])
+    for name, labels in expected.items():
+        config = harness.load_config(BENCHMARKS / name, args)
+        jobs = harness.expand_jobs(config, harness.Options())
+        assert len(jobs) == len(labels) * 3 * 2, name
+        assert list(dict.fromkeys(job.label for job in jobs)) == labels
+        assert [job.seed for job in jobs[:: len(labels) * 2]] == [0, 1, 2]  # seed-major, as anomalib expands
+        assert list(dict.fromkeys(job.dataset for job in jobs)) == ["MVTecAD/magnetic_tile", "Kolektor"]
+        roots = {job.container["data"]["init_args"]["root"] for job in jobs}
+        assert roots == {
+            str((Path.cwd() / "../shared/data").resolve()),
+            str((Path.cwd() / "../shared/data/kolektor").resolve()),
+        }
+
+
+def test_dev_config_models_build_offline_with_the_benchmark_components(harness: ModuleType, common: ModuleType) -> None:
+    config = harness.load_config(BENCHMARKS / "dev.yaml", harness.parse_args(["--config", "unused"]))
+    options = harness.Options(image_size=64)
+    seen = {}
+    for job in harness.expand_jobs(config, options):
+        if job.label not in seen:
+            seen[job.label] = job.model(["crack"])
+    for label, model in seen.items():
+        assert isinstance(model.post_processor, common.MinMaxPostProcessor), label
+        names = {metric.name for metric in model.evaluator.test_metrics}
+        assert {"pixel_AUPRO", "pixel_AUROC[crack]"} <= names, label
+    rd = seen["RD (TDAD λs=λd=0, same teacher)"].hparams
+    assert (rd.lambda_gkd, rd.lambda_scd, rd.lambda_dmd) == (1.0, 0.0, 0.0)
+    assert seen["PatchCore"].coreset_sampling_ratio == 0.1
+    assert seen["PaDiM"].model.n_features == 100

@@ -1,0 +1,733 @@
+"""The benchmark harness: an ``anomalib benchmark`` config in, one results table, report, plots and heatmaps out.
+
+Comparison (``dev.yaml``), loss ablation (``ablation.yaml``) and MVTec AD (``mvtec_*.yaml``) all run from
+configs in anomalib's benchmark format: a grid over seeds, models (``class_path`` + ``init_args``) and
+datamodules (any anomalib datamodule, by class name)::
+
+    accelerator: cpu                  # or cuda, or a list: the whole grid once per accelerator
+    trainer:                          # optional, read by this harness only (anomalib benchmark ignores it):
+      max_epochs: 40                  #   Engine arguments of every job
+    baseline: GKD                     # optional: the report adds each model's change against this label
+    benchmark:
+      seed: {grid: [0, 1, 2]}
+      model:
+        grid:
+          - class_path: Tdad          # bare names are looked up in anomalib.models (Tdad: the start-up hook)
+            label: TDAD               # optional table label (default: from the class and its arguments)
+            max_epochs: 40            # optional, this model only
+            init_args: {lambda_dmd: 0.0}
+      data:
+        grid:
+          - {class_path: MVTecAD, init_args: {root: ../shared/data, category: magnetic_tile}}
+          - {class_path: Kolektor, init_args: {root: ../shared/data/kolektor}}
+
+Usage (from the repository root)::
+
+    python benchmarks/benchmark.py --config benchmarks/dev.yaml
+    python benchmarks/benchmark.py --config benchmarks/dev.yaml --image-size 128 --seeds 0 \\
+        --init-arg Patchcore.coreset_sampling_ratio=0.01         # the labelled 2-core-CPU shortcut
+    python benchmarks/benchmark.py --config benchmarks/ablation.yaml --max-epochs 1 --limit-train 32 \\
+        --limit-test 60 --image-size 128 --seeds 0               # a quick check (numbers mean nothing)
+
+Every job trains with anomalib's ``Engine`` and tests with an anomalib ``Evaluator`` that holds image AUROC,
+pixel AUROC, PRO (anomalib's ``AUPRO``, FPR limit 0.3) and, for MVTec-layout sets, the pixel AUROC of each
+defect type (``common.DefectTypeAUROC``: that folder's test images together with the good ones). Scores and maps
+are min-max scaled by a ``common.MinMaxPostProcessor``; both components are passed to each model as
+``evaluator=`` and ``post_processor=``. Nothing of anomalib is patched or rebound. Writes to ``--output``
+(default ``results/benchmarks/<timestamp>-<config name>/``): ``config.yaml`` (the grid as run),
+``results.csv`` (one row per job, rewritten after each), ``summary.csv`` and ``report.md`` (mean ± sample
+std over seeds per model and dataset, and the mean over datasets), ``metrics.png`` and ``heatmaps.png``.
+Exits 1 when any job failed (anomalib's own command exits 0 then), 2 when the config or its data is unusable.
+
+What is anomalib's here, and why not all of its benchmark pipeline:
+
+- **Reused:** the config format and its grid expansion (``get_iterator_from_grid_dict``, the function
+  anomalib's ``BenchmarkJobGenerator`` expands configs with, so the jobs and their order are the same),
+  ``flatten_dict`` for each job's flat config (the ``model.*``/``data.*`` columns of anomalib's own result
+  rows), ``get_datamodule`` for the data, model classes by bare name from ``anomalib.models`` (as
+  ``get_model`` resolves them), each model's ``configure_pre_processor``, ``Engine``, ``Evaluator``,
+  ``AUROC``, ``AUPRO`` and ``PostProcessor`` (subclassed).
+- **Not used:** ``BenchmarkJobGenerator`` builds each model with ``get_model`` while it expands the grid, before
+  the job's seed is set (a model's initial weights would depend on the jobs before it) and without components:
+  ``get_model``'s keyword arguments go through OmegaConf, which refuses an ``Evaluator`` or a
+  ``PostProcessor`` object. ``BenchmarkJob.run`` makes its own ``Engine`` with no training length (Lightning
+  would train 1000 epochs), validation after every epoch and no callbacks; its ``collect`` takes the columns of
+  the first job only (other ``init_args`` crash it after all training) and ``save`` writes to ``./runs``.
+  So :class:`Job` is this harness's own job, fed by anomalib's grid expansion, and :func:`run_jobs` runs them
+  in order with one progress bar, the way anomalib's ``SerialRunner`` does, keeping a failed job's error
+  as its row instead of only logging it.
+
+Training length of a job, first match: the model's own (``trainer_arguments``: PatchCore and PaDiM fit in 1
+epoch, as anomalib's ``Engine`` enforces); ``--max-epochs``; the model entry's ``max_epochs``; ``trainer:
+max_epochs``; the model's ``default_epochs`` (TDAD: 40); otherwise the job fails and says so. Validation (which
+fits the post-processor's threshold and scaling) runs once, after the last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib
+import math
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from anomalib.callbacks import ModelCheckpoint
+from anomalib.data import AnomalibDataModule, get_datamodule
+from anomalib.engine import Engine
+from anomalib.models import AnomalibModule
+from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+from anomalib.utils.config import flatten_dict
+from lightning.pytorch import Callback, seed_everything
+from tqdm.auto import tqdm
+
+METRICS = common.METRICS  # anomalib's metric name -> report name
+TYPE_PREFIX = common.TYPE_PREFIX  # results.csv column of one defect type's pixel AUROC
+MODEL_KEYS = {"class_path", "init_args", "label", "max_epochs"}
+DATA_KEYS = {"class_path", "init_args", "label"}
+RESERVED_TRAINER_KEYS = {"accelerator", "devices", "default_root_dir", "callbacks", "check_val_every_n_epoch"}
+DISPLAY_SIZE = 256  # heatmap sheet size without --image-size (anomalib's default input size)
+MEAN_LABEL = "mean over datasets"
+
+
+class ConfigError(ValueError):
+    """The config (or an override of it) cannot be run."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def grid_entries(node: Any) -> list[dict[str, Any]]:
+    """The entries of a ``model``/``data`` node: ``{grid: [...]}`` or one entry, inner grids expanded."""
+    entries = node["grid"] if isinstance(node, dict) and "grid" in node else [node]
+    if not entries or not all(isinstance(entry, dict) and "class_path" in entry for entry in entries):
+        msg = f"Expected entries with a class_path, got {node!r}."
+        raise ConfigError(msg)
+    return [expanded for entry in entries for expanded in get_iterator_from_grid_dict(entry)]
+
+
+def as_node(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The inverse of :func:`grid_entries`: one entry, or a grid of them."""
+    return entries[0] if len(entries) == 1 else {"grid": entries}
+
+
+def check_keys(entry: dict[str, Any], allowed: set[str], kind: str) -> None:
+    """Refuse keys of a config entry that neither anomalib nor this harness reads (typos)."""
+    unknown = set(entry) - allowed
+    if unknown:
+        msg = f"{kind} entry {entry.get('class_path')}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})."
+        raise ConfigError(msg)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML (``0.01`` -> float, ``[a, b]`` -> list, ``none`` -> None)."""
+    return yaml.safe_load(text)
+
+
+def load_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The config at ``path`` with the command-line overrides applied, data roots made absolute.
+
+    The result is again an anomalib benchmark config (saved as ``config.yaml``): grids inside model and data
+    entries are expanded into grid entries, which anomalib's own expansion does not look into.
+    """
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(str(error)) from error
+    if not isinstance(config, dict) or not isinstance(config.get("benchmark"), dict):
+        msg = f"{path}: no 'benchmark' section (anomalib benchmark format)."
+        raise ConfigError(msg)
+    bench = config["benchmark"]
+    for key in ("model", "data"):
+        if key not in bench:
+            msg = f"{path}: benchmark.{key} is missing."
+            raise ConfigError(msg)
+    if args.seeds:
+        bench["seed"] = {"grid": list(args.seeds)} if len(args.seeds) > 1 else args.seeds[0]
+    bench.setdefault("seed", 0)
+    if args.accelerator:
+        config["accelerator"] = list(args.accelerator)
+    config.setdefault("accelerator", "auto")
+    trainer = config.setdefault("trainer", {}) or {}
+    if not isinstance(trainer, dict) or set(trainer) & RESERVED_TRAINER_KEYS:
+        msg = f"trainer: a mapping of Engine arguments other than {sorted(RESERVED_TRAINER_KEYS)}, got {trainer!r}."
+        raise ConfigError(msg)
+    config["trainer"] = trainer
+
+    models = grid_entries(bench["model"])
+    for entry in models:
+        check_keys(entry, MODEL_KEYS, "Model")
+    for override in args.init_arg:
+        target, sep, value = override.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not (sep and dot and name and key):
+            msg = f"--init-arg expects CLASS_OR_LABEL.KEY=VALUE, got {override!r}."
+            raise ConfigError(msg)
+        chosen = [entry for entry in models if name.lower() in {model_name(entry).lower(), model_label(entry).lower()}]
+        if not chosen:
+            msg = f"--init-arg {override!r}: no model entry of class or label {name!r}."
+            raise ConfigError(msg)
+        for entry in chosen:
+            entry["init_args"] = {**(entry.get("init_args") or {}), key: parse_value(value)}
+    labels = [model_label(entry) for entry in models]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        msg = f"Several model entries are labelled {duplicates}: give each a distinct 'label:'."
+        raise ConfigError(msg)
+    bench["model"] = as_node(models)
+
+    datasets = []
+    for entry in grid_entries(bench["data"]):
+        check_keys(entry, DATA_KEYS, "Data")
+        init = dict(entry.get("init_args") or {})
+        if args.root is not None:
+            init["root"] = str(args.root)
+        if init.get("root") is not None:
+            init["root"] = str(Path(init["root"]).expanduser().resolve())
+        if args.num_workers is not None:
+            init["num_workers"] = args.num_workers
+        categories = args.categories if args.categories and "category" in init else [init.get("category")]
+        for category in categories:
+            copied = {**copy.deepcopy(entry), "init_args": {**init, **({"category": category} if category else {})}}
+            datasets.append(copied)
+    bench["data"] = as_node(datasets)
+    return config
+
+
+def model_name(entry: dict[str, Any]) -> str:
+    """The class name of a model entry (the last part of its ``class_path``)."""
+    return str(entry["class_path"]).rsplit(".", 1)[-1]
+
+
+def model_label(entry: dict[str, Any]) -> str:
+    """Table label of a model entry: its ``label``, else one derived from the class and its arguments."""
+    return str(entry.get("label") or common.model_label(str(entry["class_path"]), entry.get("init_args") or {}))
+
+
+def data_label(entry: dict[str, Any]) -> str:
+    """Table label of a data entry: its ``label``, else ``Class/category`` (``Class`` without a category)."""
+    if entry.get("label"):
+        return str(entry["label"])
+    category = (entry.get("init_args") or {}).get("category")
+    name = str(entry["class_path"]).rsplit(".", 1)[-1]
+    return f"{name}/{category}" if category else name
+
+
+def missing_data(config: dict[str, Any]) -> list[str]:
+    """The data folders a config names that do not exist (``root``, and ``root/category`` where set).
+
+    Checked before anything runs: anomalib's datamodules would otherwise try to download what is missing.
+    """
+    missing = []
+    for entry in grid_entries(config["benchmark"]["data"]):
+        init = entry.get("init_args") or {}
+        if init.get("root") is None:
+            continue
+        folder = Path(init["root"]) / str(init.get("category") or "")
+        if not folder.is_dir():
+            missing.append(f"{data_label(entry)}: {folder}")
+    return missing
+
+
+def model_class(class_path: str) -> type[AnomalibModule]:
+    """The model class of ``class_path``: a bare name in ``anomalib.models`` (as ``get_model`` resolves it, e.g.
+    ``Padim``; ``Tdad`` once the plugin's start-up hook has registered it), or a dotted ``module.Class``."""
+    module_name, _, name = class_path.rpartition(".")
+    found = getattr(importlib.import_module(module_name or "anomalib.models"), name, None)
+    if not (isinstance(found, type) and issubclass(found, AnomalibModule)):
+        where = module_name or "anomalib.models"
+        msg = f"{class_path!r} is no anomalib model (no AnomalibModule {name!r} in {where})."
+        raise ValueError(msg)
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+@dataclass
+class Options:
+    """What the command line sets for every job."""
+
+    image_size: int | None = None
+    max_epochs: int | None = None
+    limit_train: int = 0
+    limit_test: int = 0
+    heatmaps: int = 4
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    """Train and test one model on one datamodule with one seed (one point of the config's grid)."""
+
+    accelerator: str
+    container: dict[str, Any]  # {"seed": ..., "model": {...}, "data": {...}}, as anomalib's expansion yields it
+    options: Options
+
+    @property
+    def seed(self) -> int:
+        """The job's seed (Lightning's ``seed_everything`` before the data and the model are made)."""
+        return int(self.container["seed"])
+
+    @property
+    def label(self) -> str:
+        """The model's table label."""
+        return model_label(self.container["model"])
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's table label."""
+        return data_label(self.container["data"])
+
+    def describe(self) -> dict[str, Any]:
+        """The identifying columns of the job's results row."""
+        return {"model": self.label, "dataset": self.dataset, "seed": self.seed, "accelerator": self.accelerator}
+
+    def datamodule(self) -> AnomalibDataModule:
+        """anomalib's datamodule of the job, set up and cut to ``--limit-train``/``--limit-test``."""
+        entry = {key: value for key, value in self.container["data"].items() if key != "label"}
+        datamodule = get_datamodule(copy.deepcopy(entry))
+        return common.limit_datamodule(datamodule, self.options.limit_train, self.options.limit_test)
+
+    def model(self, defect_types: Sequence[str]) -> AnomalibModule:
+        """The model of the job, with the benchmark's evaluator and post-processor (and pre-processor when
+        ``--image-size`` is set)."""
+        entry = self.container["model"]
+        cls = model_class(str(entry["class_path"]))
+        kwargs = copy.deepcopy(entry.get("init_args") or {})
+        if self.options.image_size:
+            size = (self.options.image_size, self.options.image_size)
+            kwargs["pre_processor"] = cls.configure_pre_processor(image_size=size)
+        return cls(
+            **kwargs,
+            post_processor=common.MinMaxPostProcessor(),
+            evaluator=common.make_evaluator(defect_types),
+            visualizer=False,
+        )
+
+    def epochs(self, model: AnomalibModule) -> int:
+        """Training epochs (first match): the model's own, ``--max-epochs``, the entry's ``max_epochs``,
+        ``trainer: max_epochs``, the model's ``default_epochs``."""
+        fixed = model.trainer_arguments.get("max_epochs")
+        if fixed is not None:
+            return int(fixed)
+        candidates = [
+            self.options.max_epochs,
+            self.container["model"].get("max_epochs"),
+            self.options.trainer.get("max_epochs"),
+            getattr(model, "default_epochs", None),
+        ]
+        for value in candidates:
+            if value is not None:
+                return int(value)
+        msg = (
+            f"{self.label}: no training length. Set max_epochs in its model entry or the trainer section, or "
+            "pass --max-epochs (anomalib's benchmark sets none: Lightning would train 1000 epochs)."
+        )
+        raise ValueError(msg)
+
+    def run(self, callbacks: Sequence[Callback] = (), heatmaps: bool = False) -> tuple[dict[str, Any], Any]:
+        """Fit and test; returns the results row and, with ``heatmaps``, ``(names, images, masks, maps)`` of a
+        few defective test images (else None). Exceptions propagate (:func:`run_jobs` records them)."""
+        row = self.describe()
+        seed_everything(self.seed, workers=True)
+        datamodule = self.datamodule()
+        types = common.defect_types(datamodule.test_data)
+        model = self.model(types)
+        epochs = self.epochs(model)
+        row |= {
+            "epochs": epochs,
+            "image_size": self.options.image_size or "default",
+            "train_images": len(datamodule.train_data),
+            "test_images": len(datamodule.test_data),
+        }
+        quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+        trainer = {key: value for key, value in self.options.trainer.items() if key != "max_epochs"}
+        with tempfile.TemporaryDirectory() as workdir:
+            engine = Engine(
+                **{"num_sanity_val_steps": 0, **quiet, **trainer},
+                max_epochs=epochs,
+                check_val_every_n_epoch=epochs,  # validate once, after the last epoch
+                accelerator=self.accelerator,
+                devices=1,
+                default_root_dir=workdir,
+                callbacks=[ModelCheckpoint(save_top_k=0, save_last=False), *callbacks],
+            )
+            start = time.perf_counter()
+            engine.fit(model=model, datamodule=datamodule)
+            fitted = time.perf_counter()
+            metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+            row |= {"fit_s": round(fitted - start, 1), "test_s": round(time.perf_counter() - fitted, 1)}
+        row |= {label: float(metrics[key]) for key, label in METRICS.items() if key in metrics}
+        row |= {f"{TYPE_PREFIX}{kind}": float(metrics[f"pixel_AUROC[{kind}]"]) for kind in types}
+        sheet = None
+        if heatmaps and self.options.heatmaps:
+            size = self.options.image_size or DISPLAY_SIZE
+            names, images, masks = common.defect_examples(datamodule, self.options.heatmaps, size)
+            if names:
+                sheet = (names, images, masks, common.predict_maps(model, images))
+        del engine, model
+        return row, sheet
+
+
+class _EpochProgress(Callback):
+    """Shows the running job and its epoch in the progress bar's postfix."""
+
+    def __init__(self, bar: Any, job: Job) -> None:
+        self.bar, self.job = bar, job
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        del pl_module
+        job = self.job
+        self.bar.set_postfix_str(
+            f"{job.label} · {job.dataset} · seed {job.seed} · epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        )
+
+
+def expand_jobs(config: dict[str, Any], options: Options) -> list[Job]:
+    """The config's jobs, in anomalib's order: per accelerator, its grid expansion of ``benchmark``."""
+    accelerators = config["accelerator"] if isinstance(config["accelerator"], list) else [config["accelerator"]]
+    return [
+        Job(str(accelerator), copy.deepcopy(container), options)
+        for accelerator in accelerators
+        for container in get_iterator_from_grid_dict(config["benchmark"])
+    ]
+
+
+RESULT_COLUMNS = [
+    "model", "dataset", "seed", "accelerator", "status", *METRICS.values(), "fit_s", "test_s", "epochs",
+    "image_size", "train_images", "test_images", "error",
+]  # fmt: skip
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The rows with the union of their columns: fixed ones first, then per-type AUROC, then the flat config."""
+    frame = pd.DataFrame(list(rows))
+    types = sorted(column for column in frame.columns if column.startswith(TYPE_PREFIX))
+    config = [column for column in frame.columns if column.startswith(("model.", "data."))]
+    head = [*RESULT_COLUMNS[:5], *METRICS.values()]
+    frame = frame.reindex(columns=[*head, *types, *(c for c in RESULT_COLUMNS if c not in head), *config])
+    for column in ("seed", "epochs", "train_images", "test_images"):  # integers, blank for a failed job
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+@dataclass
+class Heatmaps:
+    """The heatmap sheet's content: per dataset the example images, per (dataset, model) the maps."""
+
+    examples: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    maps: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def wants(self, job: Job) -> bool:
+        """Whether ``job`` is the first of its model on its dataset (its maps go on the sheet)."""
+        return (job.dataset, job.label) not in self.maps
+
+    def add(self, job: Job, sheet: Any) -> None:
+        """Keep a job's examples (the first for its dataset) and maps."""
+        names, images, masks, maps = sheet
+        self.examples.setdefault(job.dataset, (names, images, masks))
+        self.maps[(job.dataset, job.label)] = maps
+
+    def write(self, path: Path, labels: Sequence[str]) -> bool:
+        """Draw the sheet (rows: examples of every dataset; columns: image, ground truth, each model)."""
+        if not self.examples:
+            return False
+        names, images, masks, maps = [], [], [], {label: [] for label in labels}
+        for dataset, (example_names, example_images, example_masks) in self.examples.items():
+            names += [f"{dataset}\n{name}" for name in example_names]
+            images.append(example_images)
+            masks.append(example_masks)
+            blank = torch.full(example_masks.shape, math.nan).numpy()
+            for label in labels:
+                maps[label].append(self.maps.get((dataset, label), blank))
+        stacked = {label: np.concatenate(values) for label, values in maps.items()}
+        common.heatmap_sheet(names, torch.cat(images), torch.cat(masks), stacked, path)
+        return True
+
+
+def run_jobs(jobs: Sequence[Job], output: Path) -> tuple[pd.DataFrame, Heatmaps]:
+    """Run ``jobs`` in order under one progress bar; ``output/results.csv`` is rewritten after each job.
+
+    A job that raises becomes a row with status ``failed`` and its error; the others still run.
+    """
+    rows: list[dict[str, Any]] = []
+    heatmaps = Heatmaps()
+    with tqdm(total=len(jobs), desc="benchmark", unit="job", dynamic_ncols=True) as bar:
+        for job in jobs:
+            bar.set_postfix_str(f"{job.label} · {job.dataset} · seed {job.seed}")
+            flat = {
+                k: v if isinstance(v, str | int | float | bool) or v is None else str(v)
+                for k, v in flatten_dict(job.container).items()
+                if k != "seed"
+            }  # the job's config columns, as anomalib's result rows have them
+            try:
+                wanted = heatmaps.wants(job)
+                row, sheet = job.run(callbacks=[_EpochProgress(bar, job)], heatmaps=wanted)
+                row["status"] = "ok"
+                if sheet is not None:
+                    heatmaps.add(job, sheet)
+            except Exception as error:  # noqa: BLE001 - one failed job must not lose hours of others
+                traceback.print_exc()
+                row = {**job.describe(), "status": "failed", "error": f"{type(error).__name__}: {error}"[:500]}
+            rows.append({**row, **flat})
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            results_table(rows).to_csv(output / "results.csv", index=False)
+            bar.update()
+    return results_table(rows), heatmaps
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def summarize(results: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Mean and sample std over seeds of ``columns`` per dataset and model (successful jobs), in order of first
+    appearance; with more than one dataset, also the mean over datasets of each model's means (models with
+    results on every dataset only; no std)."""
+    done = results[results.status == "ok"]
+    columns = [column for column in columns if column in done and done[column].notna().any()]
+    if done.empty:
+        return pd.DataFrame(columns=["dataset", "model", "runs"])
+    grouped = done.groupby(["dataset", "model"], sort=False)[columns]
+    summary = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
+    summary.insert(0, "runs", done.groupby(["dataset", "model"], sort=False).size())
+    summary = summary.reset_index()
+    datasets = list(dict.fromkeys(results.dataset))
+    if len(datasets) > 1:
+        rows = []
+        for model, group in summary.groupby("model", sort=False):
+            if set(group.dataset) != set(datasets):
+                continue
+            means = {f"{c}_mean": group[f"{c}_mean"].mean() for c in columns if not c.startswith(TYPE_PREFIX)}
+            stds = {f"{c}_std": math.nan for c in columns}
+            rows.append({"dataset": MEAN_LABEL, "model": model, "runs": int(group.runs.min()), **means, **stds})
+        summary = pd.concat([summary, pd.DataFrame(rows)], ignore_index=True)
+    return summary
+
+
+def _cell(row: pd.Series | None, column: str, digits: int = 3) -> str:
+    """``mean ± std`` of ``column`` in a summary row, ``—`` when absent."""
+    if row is None or f"{column}_mean" not in row:
+        return "—"
+    return common.mean_std(float(row[f"{column}_mean"]), float(row[f"{column}_std"]), digits)
+
+
+def metric_table(summary: pd.DataFrame, column: str, models: Sequence[str], digits: int = 3) -> str:
+    """Markdown: a row per dataset (and the mean over datasets), a column per model."""
+    rows = []
+    for dataset in dict.fromkeys(summary.dataset):
+        part = summary[summary.dataset == dataset].set_index("model")
+        rows.append([dataset, *(_cell(part.loc[m] if m in part.index else None, column, digits) for m in models)])
+    return common.markdown_table(["dataset", *models], rows)
+
+
+def type_tables(summary: pd.DataFrame) -> list[str]:
+    """Markdown: per dataset with defect types, a row per model and a column per type."""
+    sections = []
+    for dataset in dict.fromkeys(summary.dataset):
+        part = summary[summary.dataset == dataset]
+        kinds = [
+            c.removeprefix(TYPE_PREFIX).removesuffix("_mean")
+            for c in part.columns
+            if c.startswith(TYPE_PREFIX) and c.endswith("_mean") and part[c].notna().any()
+        ]
+        if kinds:
+            rows = [[row.model, *(_cell(row, TYPE_PREFIX + kind) for kind in kinds)] for _, row in part.iterrows()]
+            sections.append(f"**{dataset}**\n\n" + common.markdown_table(["model", *kinds], rows))
+    return sections
+
+
+def baseline_table(summary: pd.DataFrame, baseline: str, metrics: Sequence[str]) -> str:
+    """Markdown: each model's change of the mean against ``baseline``, per dataset (and the mean)."""
+    rows = []
+    for dataset in dict.fromkeys(summary.dataset):
+        part = summary[summary.dataset == dataset].set_index("model")
+        if baseline not in part.index:
+            continue
+        base = part.loc[baseline]
+        for model, row in part.drop(index=baseline).iterrows():
+            cells = [f"{row[f'{m}_mean'] - base[f'{m}_mean']:+.3f}" if f"{m}_mean" in row else "—" for m in metrics]
+            rows.append([dataset, model, *cells])
+    if not rows:
+        return ""
+    table = common.markdown_table(["dataset", "model", *metrics], rows)
+    return f"## Change against {baseline}\n\nChange of each model's mean against **{baseline}**:\n\n{table}"
+
+
+def setup_note(config_path: Path, results: pd.DataFrame, options: Options) -> str:
+    """The paragraph on what ran: config, jobs, data, input size, epochs, limits."""
+    done = results[results.status == "ok"]
+    failed = int((results.status != "ok").sum())
+    lines = [
+        f"Config `{config_path}` (as run: `config.yaml`): {len(results)} jobs, {len(results) - failed} finished, "
+        f"{failed} failed; seeds {sorted(set(results.seed.astype(int)))}."
+    ]
+    for dataset, group in done.groupby("dataset", sort=False):
+        lines.append(
+            f"- `{dataset}`: {int(group.train_images.max())} training and {int(group.test_images.max())} test images."
+        )
+    if options.image_size:
+        lines.append(
+            f"- Input {options.image_size} × {options.image_size} px (`--image-size`): a CPU shortcut, not the "
+            "256-px standard of anomalib's default pre-processors."
+        )
+    else:
+        lines.append("- Input: each model's default pre-processor (anomalib's standard, 256 × 256 px).")
+    epochs = done.groupby("model", sort=False).epochs.agg(lambda values: "/".join(map(str, sorted(set(values)))))
+    lines.append("- Epochs: " + ", ".join(f"{model} {value}" for model, value in epochs.items()) + ".")
+    if options.limit_train or options.limit_test:
+        lines.append(
+            f"- **Quick check**: at most {options.limit_train or 'all'} training and about "
+            f"{options.limit_test or 'all'} test images per dataset; the numbers are not comparable to full runs."
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(
+    output: Path,
+    config: dict[str, Any],
+    config_path: Path,
+    results: pd.DataFrame,
+    heatmaps: Heatmaps,
+    options: Options,
+    command: Sequence[str],
+) -> None:
+    """``summary.csv``, ``metrics.png``, ``heatmaps.png`` and ``report.md`` from the results."""
+    metrics = [m for m in METRICS.values() if m in results and results[m].notna().any()]
+    types = [column for column in results.columns if column.startswith(TYPE_PREFIX)]
+    summary = summarize(results, [*metrics, "fit_s", *types])
+    summary.to_csv(output / "summary.csv", index=False)
+    models = list(dict.fromkeys(summary.model)) if len(summary) else []
+    sections = [setup_note(config_path, results, options)]
+    for metric in metrics:
+        sections.append(f"## {metric}\n\n" + metric_table(summary, metric, models))
+    if "fit_s_mean" in summary:
+        sections.append("## fit seconds\n\n" + metric_table(summary, "fit_s", models, digits=0))
+    sections.append(
+        "Mean ± sample std over seeds (one seed: the value); the mean over datasets is the mean of each model's "
+        f"per-dataset means (only models with results on every dataset). `fit seconds`: training plus the one "
+        f"validation pass, on the device above. {common.METRICS_NOTE}"
+        + (f" {common.RD_NOTE}" if common.RD_LABEL in models else "")
+    )
+    by_type = type_tables(summary)
+    if by_type:
+        sections.append(
+            "## Pixel AUROC by defect type\n\nEach defect type's test images (its folder) together with the good "
+            "ones.\n\n" + "\n\n".join(by_type)
+        )
+    baseline = config.get("baseline")
+    if baseline and metrics:
+        sections.append(baseline_table(summary, str(baseline), metrics))
+    if metrics and len(summary):
+        panels = {dataset: summary[summary.dataset == dataset] for dataset in dict.fromkeys(summary.dataset)}
+        common.bar_panels(panels, metrics, output / "metrics.png")
+        sections.append("![metrics](metrics.png)")
+    if heatmaps.write(output / "heatmaps.png", models):
+        sections.append(
+            "## Heatmaps\n\nA few defective test images per dataset, one defect type after another: image, ground "
+            "truth, and each model's map (first seed) over the image, min-max scaled over the validation set "
+            "(blank: no result).\n\n![heatmaps](heatmaps.png)"
+        )
+    failed = results[results.status != "ok"]
+    if len(failed):
+        rows = failed[["model", "dataset", "seed", "error"]].fillna("").to_numpy()
+        sections.append("## Failed jobs\n\n" + common.markdown_table(["model", "dataset", "seed", "error"], rows))
+    title = f"Benchmark `{config_path.stem}`"
+    common.write_report(output / "report.md", title, [s for s in sections if s], command)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, required=True, help="benchmark config (anomalib benchmark format)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-<config>)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="square input size of every model: a labelled CPU shortcut (default: each model's default "
+        "pre-processor, 256 px)",
+    )
+    parser.add_argument(
+        "--max-epochs", type=int, default=None, help="epochs of every trained model (PatchCore, PaDiM: always 1)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
+    parser.add_argument(
+        "--init-arg",
+        action="append",
+        default=[],
+        metavar="CLASS.KEY=VALUE",
+        help="set an init_arg of the model entries of a class or label, value read as YAML (repeatable), e.g. "
+        "Patchcore.coreset_sampling_ratio=0.01",
+    )
+    parser.add_argument("--limit-train", type=int, default=0, help="quick check: train on this many random images")
+    parser.add_argument(
+        "--limit-test", type=int, default=0, help="quick check: test on about this many images, both labels kept"
+    )
+    parser.add_argument("--root", type=Path, default=None, help="override every dataset's root")
+    parser.add_argument("--categories", nargs="+", default=None, help="override the category of datasets with one")
+    parser.add_argument("--accelerator", nargs="+", default=None, help="override the accelerators (cpu, cuda)")
+    parser.add_argument("--num-workers", type=int, default=None, help="override the data loader workers")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS)")
+    parser.add_argument("--heatmaps", type=int, default=4, help="defective images per dataset in heatmaps.png")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the config's jobs and write the outputs; returns 1 if any job failed, 2 if none could start."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    common.quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = load_config(args.config, args)
+    except ConfigError as error:
+        print(f"benchmark: {error}", file=sys.stderr)
+        return 2
+    missing = missing_data(config)
+    if missing:
+        print("benchmark: no data at\n  " + "\n  ".join(missing) + "\n(set the roots or pass --root)", file=sys.stderr)
+        return 2
+    trainer = config.get("trainer") or {}
+    options = Options(args.image_size, args.max_epochs, args.limit_train, args.limit_test, args.heatmaps, trainer)
+    jobs = expand_jobs(config, options)
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{args.config.stem}"
+    output = (args.output or common.REPO / "results" / "benchmarks" / stamp).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+    results, heatmaps = run_jobs(jobs, output)
+    command = [str(Path(__file__).resolve().relative_to(common.REPO)), *argv]
+    write_outputs(output, config, args.config, results, heatmaps, options, command)
+    failed = int((results.status != "ok").sum())
+    print(f"Wrote {output / 'report.md'}" + (f"; {failed} of {len(results)} job(s) FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

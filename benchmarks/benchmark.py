@@ -112,12 +112,14 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------- config
 
 
-def grid_entries(node: Any) -> list[dict[str, Any]]:
-    """The entries of a ``model``/``data`` node: ``{grid: [...]}`` or one entry, inner grids expanded."""
+def grid_entries(node: Any, expand: bool = True) -> list[dict[str, Any]]:
+    """The entries of a ``model``/``data`` node (``{grid: [...]}`` or one entry), grids inside them expanded."""
     entries = node["grid"] if isinstance(node, dict) and "grid" in node else [node]
     if not entries or not all(isinstance(entry, dict) and "class_path" in entry for entry in entries):
         msg = f"Expected entries with a class_path, got {node!r}."
         raise ConfigError(msg)
+    if not expand:
+        return copy.deepcopy(entries)
     return [expanded for entry in entries for expanded in get_iterator_from_grid_dict(entry)]
 
 
@@ -172,6 +174,12 @@ def load_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     models = grid_entries(bench["model"])
     for entry in models:
         check_keys(entry, MODEL_KEYS, "Model")
+    if args.models:
+        wanted = {name.lower() for name in args.models}
+        models = [entry for entry in models if wanted & {model_name(entry).lower(), model_label(entry).lower()}]
+        if not models:
+            msg = f"--models {args.models}: no model entry of these classes or labels."
+            raise ConfigError(msg)
     for override in args.init_arg:
         target, sep, value = override.partition("=")
         name, dot, key = target.rpartition(".")
@@ -191,20 +199,25 @@ def load_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(msg)
     bench["model"] = as_node(models)
 
-    datasets = []
-    for entry in grid_entries(bench["data"]):
+    datasets = grid_entries(bench["data"], expand=False)
+    for entry in datasets:
         check_keys(entry, DATA_KEYS, "Data")
-        init = dict(entry.get("init_args") or {})
+        init = entry["init_args"] = dict(entry.get("init_args") or {})
+        if args.categories and "category" in init:
+            init["category"] = {"grid": list(args.categories)}
         if args.root is not None:
             init["root"] = str(args.root)
         if init.get("root") is not None:
             init["root"] = str(Path(init["root"]).expanduser().resolve())
         if args.num_workers is not None:
             init["num_workers"] = args.num_workers
-        categories = args.categories if args.categories and "category" in init else [init.get("category")]
-        for category in categories:
-            copied = {**copy.deepcopy(entry), "init_args": {**init, **({"category": category} if category else {})}}
-            datasets.append(copied)
+    datasets = [expanded for entry in datasets for expanded in get_iterator_from_grid_dict(entry)]
+    if args.datasets:
+        wanted = {name.lower() for name in args.datasets}
+        datasets = [entry for entry in datasets if wanted & {data_label(entry).lower(), model_name(entry).lower()}]
+        if not datasets:
+            msg = f"--datasets {args.datasets}: no data entry of these labels or classes."
+            raise ConfigError(msg)
     bench["data"] = as_node(datasets)
     return config
 
@@ -658,9 +671,7 @@ def write_outputs(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="benchmark config (anomalib benchmark format)")
     parser.add_argument(
         "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-<config>)"
@@ -677,6 +688,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
     parser.add_argument(
+        "--models", nargs="+", default=None, help="run only the model entries of these classes or labels (e.g. Tdad)"
+    )
+    parser.add_argument(
         "--init-arg",
         action="append",
         default=[],
@@ -684,16 +698,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="set an init_arg of the model entries of a class or label, value read as YAML (repeatable), e.g. "
         "Patchcore.coreset_sampling_ratio=0.01",
     )
-    parser.add_argument("--limit-train", type=int, default=0, help="quick check: train on this many random images")
     parser.add_argument(
-        "--limit-test", type=int, default=0, help="quick check: test on about this many images, both labels kept"
+        "--limit-train", type=int, default=0, help="quick check: train on this many random images (default 0: all)"
+    )
+    parser.add_argument(
+        "--limit-test",
+        type=int,
+        default=0,
+        help="quick check: test on about this many images, both labels kept (default 0: all)",
+    )
+    parser.add_argument(
+        "--datasets", nargs="+", default=None, help="run only these datasets (labels or classes, e.g. Kolektor)"
     )
     parser.add_argument("--root", type=Path, default=None, help="override every dataset's root")
     parser.add_argument("--categories", nargs="+", default=None, help="override the category of datasets with one")
     parser.add_argument("--accelerator", nargs="+", default=None, help="override the accelerators (cpu, cuda)")
     parser.add_argument("--num-workers", type=int, default=None, help="override the data loader workers")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS)")
-    parser.add_argument("--heatmaps", type=int, default=4, help="defective images per dataset in heatmaps.png")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, from OMP_NUM_THREADS)"
+    )
+    parser.add_argument(
+        "--heatmaps", type=int, default=4, help="defective images per dataset in heatmaps.png (default 4; 0: none)"
+    )
     return parser.parse_args(argv)
 
 

@@ -1,14 +1,18 @@
-"""Code shared by the benchmark scripts: models on one teacher, data, train+test jobs, reports, plots.
+"""Code shared by the benchmark scripts (``benchmark.py``, ``speed.py``): the benchmark components, data, reports.
 
-Everything here reuses anomalib (``Engine``, ``MVTecAD``, ``Evaluator``, ``AUROC``, ``AUPRO``, the models);
-the scripts only decide which jobs to run and how to report them.
+- components passed to every benchmark model: :func:`make_evaluator` (anomalib's ``Evaluator`` with image and
+  pixel AUROC, PRO and :class:`DefectTypeAUROC` per defect type) and :class:`MinMaxPostProcessor`;
+- data: :func:`limit_datamodule` (fixed subsets for quick checks); ``speed.py``'s models on one teacher
+  (:func:`build_model`) and MVTec-layout data (:class:`DataConfig`);
+- reports: run information (command, commit, device, threads, versions), Markdown tables, bar plots, heatmaps.
+
+Everything reuses anomalib through its public classes (subclasses, constructor arguments); nothing of it is
+patched.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import inspect
 import logging
 import math
 import os
@@ -16,11 +20,8 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
-import time
-import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,17 +35,12 @@ import torch.nn.functional as F  # noqa: N812
 
 warnings.filterwarnings("ignore")  # before anomalib's imports, which warn about optional components
 
-from anomalib.callbacks import ModelCheckpoint
 from anomalib.data import MVTecAD
 from anomalib.data.utils import ValSplitMode
-from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
 from anomalib.post_processing import PostProcessor
-from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
-from torchmetrics.functional.classification import binary_auroc
-from tqdm.auto import tqdm
 
 from anomalib_tdad import Tdad
 from anomalib_tdad.models.tdad.teacher import select_layers
@@ -57,7 +53,6 @@ TEACHER = "tf_efficientnet_lite0"
 TDAD_LAYERS = select_layers(TEACHER, None)[0]  # TDAD's and RD's: the package default (the stride-8/16 levels)
 PEER_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16 like a ResNet's layer1-3: STFPM and PaDiM
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # strides 8 and 16, as PatchCore's layer2 + layer3
-DEFAULT_EPOCHS = inspect.signature(Tdad).parameters["default_epochs"].default  # the package's training length
 PADIM_FEATURES = 100  # of the 176 teacher channels (PaDiM keeps 100 of resnet18's 448)
 
 RD_LABEL = "RD (TDAD λs=λd=0, same teacher)"
@@ -72,8 +67,8 @@ METRICS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AU
 TYPE_PREFIX = "pixel AUROC · "  # results.csv columns: pixel AUROC of one defect type (its images + the good ones)
 METRICS_NOTE = (
     "PRO is anomalib's AUPRO (FPR limit 0.3). Scores and maps are min-max scaled over the validation set "
-    "(= the test set) before the metrics, not centred on the threshold and clamped as anomalib does by "
-    "default: that clamp ties scores and shifts AUROC."
+    "(anomalib's default for MVTecAD and Kolektor: the test set) before the metrics, not centred on the threshold "
+    "and clamped as anomalib does by default: that clamp ties scores and shifts AUROC."
 )
 
 
@@ -187,19 +182,18 @@ def build_model(
     kind: str,
     image_size: int,
     coreset_ratio: float = 0.001,
-    tdad_args: dict[str, Any] | None = None,
     model_class: type[AnomalibModule] | None = None,
 ) -> AnomalibModule:
     """One of ``LABELS``' models on the Lite0 teacher at ``image_size``, with the benchmark metrics.
 
     ``rd`` is TDAD with ``lambda_scd = lambda_dmd = 0``: plain reverse distillation on the same teacher
-    (anomalib's ``ReverseDistillation`` has decoders for ResNets only). ``tdad_args`` go to both.
+    (anomalib's ``ReverseDistillation`` has decoders for ResNets only).
     ``model_class``: a subclass of the model's class to build instead (``speed.py``'s random-bank PatchCore).
     """
     teacher = {"backbone": TEACHER, "layers": PEER_LAYERS}
     models: dict[str, tuple[type[AnomalibModule], dict[str, Any]]] = {
-        "tdad": (Tdad, {"backbone": TEACHER, **(tdad_args or {})}),
-        "rd": (Tdad, {"backbone": TEACHER, **(tdad_args or {}), "lambda_scd": 0.0, "lambda_dmd": 0.0}),
+        "tdad": (Tdad, {"backbone": TEACHER}),
+        "rd": (Tdad, {"backbone": TEACHER, "lambda_scd": 0.0, "lambda_dmd": 0.0}),
         "patchcore": (
             Patchcore,
             {"backbone": TEACHER, "layers": PATCHCORE_LAYERS, "coreset_sampling_ratio": coreset_ratio},
@@ -300,213 +294,7 @@ def limit_datamodule(datamodule: Any, train_limit: int = 0, test_limit: int = 0)
     return datamodule
 
 
-# ----------------------------------------------------------------------------------------------- jobs
-
-
-@dataclass
-class Job:
-    """Train and test one model with one seed."""
-
-    label: str
-    seed: int
-    epochs: int
-    build: Callable[[], AnomalibModule]
-
-
-class _TestMapCollector(Callback):
-    """Keeps every test image's anomaly map, ground-truth mask and defect type (the name of its folder)."""
-
-    def __init__(self) -> None:
-        self.maps: list[torch.Tensor] = []
-        self.masks: list[torch.Tensor] = []
-        self.types: list[str] = []
-
-    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
-        del trainer, pl_module, args
-        if outputs is None or outputs.anomaly_map is None or outputs.gt_mask is None:
-            return
-        masks = outputs.gt_mask.reshape(-1, *outputs.gt_mask.shape[-2:]).bool()
-        maps = outputs.anomaly_map.detach().float().reshape(-1, 1, *outputs.anomaly_map.shape[-2:])
-        if maps.shape[-2:] != masks.shape[-2:]:
-            maps = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        self.maps.append(maps[:, 0].cpu())
-        self.masks.append(masks.cpu())
-        self.types += [Path(path).parent.name for path in batch.image_path]
-
-    def pixel_auroc_by_type(self) -> dict[str, float]:
-        """Pixel AUROC of each defect type over its images and the good ones (``{TYPE_PREFIX + type: AUROC}``)."""
-        if not self.maps or "good" not in self.types:
-            return {}
-        maps, masks, types = torch.cat(self.maps), torch.cat(self.masks), np.asarray(self.types)
-        # Raw maps (this callback runs before the post-processor's): scale them into [0, 1], or torchmetrics
-        # would squash them with a sigmoid and tie every large value.
-        maps = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)
-        result = {}
-        for kind in sorted(set(self.types) - {"good"}):
-            chosen = torch.from_numpy(np.flatnonzero((types == kind) | (types == "good")))
-            target = masks[chosen].flatten()
-            if target.any() and not target.all():
-                score = binary_auroc(maps[chosen].flatten(), target.int(), thresholds=None)
-                result[f"{TYPE_PREFIX}{kind}"] = float(score)
-        return result
-
-
-class _EpochCallback(Callback):
-    """Calls ``on_epoch`` after every training epoch (drives the progress bar)."""
-
-    def __init__(self, on_epoch: Callable[[], None]) -> None:
-        self.on_epoch = on_epoch
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        del trainer, pl_module
-        self.on_epoch()
-
-
-def run_job(
-    job: Job, data: DataConfig, workdir: Path, accelerator: str = "auto", on_epoch: Callable[[], None] = lambda: None
-) -> tuple[dict[str, Any], AnomalibModule]:
-    """Fit and test ``job`` with anomalib's Engine in ``workdir``; returns its result row and the trained model.
-
-    Validation runs once, after the last epoch. No checkpoint is written. Besides the overall metrics the
-    row holds the pixel AUROC of every defect type (columns ``TYPE_PREFIX + type``).
-    """
-    seed_everything(job.seed, workers=True)
-    model = job.build()
-    datamodule = make_datamodule(data)
-    collector = _TestMapCollector()
-    engine = Engine(
-        max_epochs=job.epochs,
-        check_val_every_n_epoch=job.epochs,
-        accelerator=accelerator,
-        devices=1,
-        default_root_dir=workdir,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(save_top_k=0, save_last=False), _EpochCallback(on_epoch), collector],
-    )
-    start = time.perf_counter()
-    engine.fit(model=model, datamodule=datamodule)
-    fitted = time.perf_counter()
-    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-    row = {
-        "model": job.label,
-        "seed": job.seed,
-        "epochs": job.epochs,
-        "train_images": len(datamodule.train_data),
-        "test_images": len(datamodule.test_data),
-        **{label: float(metrics[key]) for key, label in METRICS.items()},
-        "fit_s": round(fitted - start, 1),
-        "test_s": round(time.perf_counter() - fitted, 1),
-        "error": "",
-        **collector.pixel_auroc_by_type(),
-    }
-    return row, model
-
-
-def run_jobs(
-    jobs: Sequence[Job],
-    data: DataConfig,
-    output: Path,
-    accelerator: str = "auto",
-    keep: Callable[[Job, AnomalibModule], None] | None = None,
-) -> pd.DataFrame:
-    """Run ``jobs`` in order under one progress bar; ``output/results.csv`` is rewritten after each job.
-
-    A job that raises becomes a row with NaN metrics and its error, and the others still run.
-    ``keep(job, model)`` sees each trained model before it is freed.
-    """
-    rows: list[dict[str, Any]] = []
-    with tqdm(total=sum(job.epochs + 1 for job in jobs), desc="benchmark", unit="step", dynamic_ncols=True) as bar:
-        for job in jobs:
-            bar.set_postfix_str(f"{job.label}, seed {job.seed}")
-            done = bar.n
-            try:
-                with tempfile.TemporaryDirectory() as workdir:
-                    row, model = run_job(job, data, Path(workdir), accelerator, on_epoch=lambda: bar.update(1))
-                if keep is not None:
-                    keep(job, model)
-                del model
-            except Exception as error:  # noqa: BLE001 - one failed job must not lose hours of others
-                traceback.print_exc()
-                row = {"model": job.label, "seed": job.seed, "epochs": job.epochs, "error": repr(error)[:300]}
-            gc.collect()
-            bar.update(done + job.epochs + 1 - bar.n)  # the test step, or what a failed job left
-            rows.append(row)
-            pd.DataFrame(rows).to_csv(output / "results.csv", index=False)
-    frame = pd.DataFrame(rows)
-    columns = ["model", "seed", "epochs", "train_images", "test_images", *METRICS.values(), "fit_s", "test_s", "error"]
-    return frame.reindex(columns=[*columns, *type_columns(frame)])
-
-
-def type_columns(results: pd.DataFrame) -> list[str]:
-    """The per-defect-type pixel AUROC columns of a results table (``TYPE_PREFIX + type``)."""
-    return [column for column in results.columns if column.startswith(TYPE_PREFIX)]
-
-
-# ------------------------------------------------------------------------------------------- arguments
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Options the train+test scripts share (use with ``ArgumentDefaultsHelpFormatter``)."""
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="dataset root in MVTec AD layout")
-    parser.add_argument("--category", default=DEFAULT_CATEGORY, help="category folder under --root")
-    parser.add_argument("--image-size", type=int, default=256, help="square input size of every model")
-    parser.add_argument("--batch-size", type=int, default=8, help="train and eval batch size")
-    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per model and seed")
-    parser.add_argument(
-        "--max-epochs",
-        nargs="+",
-        default=[str(DEFAULT_EPOCHS)],
-        metavar="[NAME=]N",
-        help="training epochs: N for every trained model, NAME=N for one (e.g. 10 stfpm=20); "
-        "default: Tdad's default_epochs",
-    )
-    parser.add_argument("--train-limit", type=int, default=0, help="train on this many random training images (0: all)")
-    parser.add_argument(
-        "--test-limit", type=int, default=0, help="test on about this many test images, both labels kept (0: all)"
-    )
-    parser.add_argument(
-        "--tdad-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra Tdad argument, value read as YAML (repeatable), e.g. score_topk=0.01",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or all cores)"
-    )
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
-    parser.add_argument(
-        "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-<script>)"
-    )
-
-
-def parse_epochs(values: Sequence[str]) -> Callable[[str], int]:
-    """``["10", "stfpm=20"]`` -> function giving each model key its epochs (1 for memory-bank models)."""
-    default, specific = DEFAULT_EPOCHS, {}
-    for value in values:
-        name, _, number = value.rpartition("=")
-        if name:
-            specific[name.lower()] = int(number)
-        else:
-            default = int(number)
-    return lambda key: 1 if key in MEMORY_BANK else specific.get(key.lower(), default)
-
-
-def parse_key_values(values: Sequence[str]) -> dict[str, Any]:
-    """``["margin=0.3", "score_topk=0.01"]`` -> dict, values read as YAML."""
-    import yaml
-
-    pairs = {}
-    for value in values:
-        key, sep, text = value.partition("=")
-        if not sep:
-            msg = f"Expected KEY=VALUE, got {value!r}."
-            raise ValueError(msg)
-        pairs[key.strip()] = yaml.safe_load(text)
-    return pairs
+# ------------------------------------------------------------------------------------------------ runs
 
 
 def setup_run(args: argparse.Namespace, script: str) -> Path:
@@ -582,21 +370,6 @@ def run_info(command: Sequence[str] | None = None) -> dict[str, str]:
     }
 
 
-def data_note(args: argparse.Namespace, results: pd.DataFrame) -> str:
-    """One sentence on the data a train+test run used."""
-    train, test = (int(results[c].max()) if results[c].notna().any() else 0 for c in ("train_images", "test_images"))
-    size = f"{args.image_size}×{args.image_size}"
-    return f"Dataset `{args.root / args.category}`: {train} training and {test} test images, at {size} px."
-
-
-def summarize(results: pd.DataFrame, columns: Sequence[str], by: str = "model") -> pd.DataFrame:
-    """Mean and sample std over seeds of ``columns`` per ``by`` value, in order of first appearance."""
-    grouped = results.groupby(by, sort=False)[list(columns)]
-    summary = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std"))
-    summary.insert(0, "runs", grouped.count().min(axis=1))
-    return summary.reset_index()
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -609,56 +382,6 @@ def mean_std(mean: float, std: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "—"
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def summary_table(summary: pd.DataFrame, columns: Sequence[str], by: str = "model", extra: Sequence[str] = ()) -> str:
-    """Markdown table of ``summarize``'s output: ``mean ± std`` of ``columns``, the mean of ``extra``."""
-    rows = [
-        [
-            row[by],
-            int(row["runs"]),
-            *(mean_std(row[f"{c}_mean"], row[f"{c}_std"]) for c in columns),
-            *(mean_std(row[f"{c}_mean"], math.nan, digits=0) for c in extra),
-        ]
-        for _, row in summary.iterrows()
-    ]
-    return markdown_table([by, "runs", *columns, *(f"{c} (mean)" for c in extra)], rows)
-
-
-def type_table(summary: pd.DataFrame, by: str = "model") -> str:
-    """Markdown table of the per-defect-type pixel AUROC (``mean ± std``), or ``""`` when there is none."""
-    kinds = [
-        c.removesuffix("_mean").removeprefix(TYPE_PREFIX)
-        for c in summary.columns
-        if c.startswith(TYPE_PREFIX) and c.endswith("_mean")
-    ]
-    if not kinds:
-        return ""
-    rows = [
-        [row[by], *(mean_std(row[f"{TYPE_PREFIX}{k}_mean"], row[f"{TYPE_PREFIX}{k}_std"]) for k in kinds)]
-        for _, row in summary.iterrows()
-    ]
-    return "Pixel AUROC by defect type (each type's test images together with the good ones):\n\n" + markdown_table(
-        [by, *kinds], rows
-    )
-
-
-def failures(results: pd.DataFrame, by: str = "model") -> str:
-    """Markdown list of the failed runs, or ``""``."""
-    failed = results[results.error.fillna("") != ""]
-    if not len(failed):
-        return ""
-    return "**Failed runs:**\n\n" + markdown_table([by, "seed", "error"], failed[[by, "seed", "error"]].to_numpy())
-
-
-def finish_report(output: Path, title: str, sections: list[str], results: pd.DataFrame, by: str = "model") -> int:
-    """Append the failed runs, write ``output/report.md``; returns the exit code (1 if any run failed)."""
-    failed = failures(results, by=by)
-    if failed:
-        sections.append(failed)
-    write_report(output / "report.md", title, sections)
-    print(f"Wrote {output / 'report.md'}")
-    return 1 if failed else 0
 
 
 def write_report(path: Path, title: str, sections: Sequence[str], command: Sequence[str] | None = None) -> None:
@@ -693,11 +416,6 @@ def _bars(ax: Any, summary: pd.DataFrame, columns: Sequence[str], title: str, by
     ax.set_ylim(max(0.0, lowest - 0.1), 1.0)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-
-
-def bar_plot(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str, by: str = "model") -> None:
-    """Grouped bars: one group per metric, one bar per model, error bars = std over seeds."""
-    bar_panels({title: summary}, columns, path, by=by)
 
 
 def bar_panels(panels: dict[str, pd.DataFrame], columns: Sequence[str], path: Path, by: str = "model") -> None:

@@ -456,7 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--infer-images", type=int, default=64, help="test images timed for inference (repeated if fewer)"
     )
     parser.add_argument(
-        "--coreset-ratio", type=float, default=0.001, help="PatchCore coreset sampling ratio (see compare.py)"
+        "--coreset-ratio", type=float, default=0.001, help="PatchCore coreset sampling ratio (see benchmarks/README.md)"
     )
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="models besides the teacher alone")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO export and timing")

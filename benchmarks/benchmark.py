@@ -655,8 +655,8 @@ def write_outputs(
     if heatmaps.write(output / "heatmaps.png", models):
         sections.append(
             "## Heatmaps\n\nA few defective test images per dataset, one defect type after another: image, ground "
-            "truth, and each model's map (first seed) over the image, min-max scaled over the validation set "
-            "(blank: no result).\n\n![heatmaps](heatmaps.png)"
+            "truth, and each model's map over the image (its first finished job: the first seed unless that one "
+            "failed), min-max scaled over the validation set (blank: no result).\n\n![heatmaps](heatmaps.png)"
         )
     failed = results[results.status != "ok"]
     if len(failed):

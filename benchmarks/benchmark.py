@@ -136,6 +136,14 @@ def check_keys(entry: dict[str, Any], allowed: set[str], kind: str) -> None:
         raise ConfigError(msg)
 
 
+def matching(entries: list[dict[str, Any]], name: str, label: Any = None) -> list[dict[str, Any]]:
+    """The entries a command-line ``name`` selects: those labelled exactly ``name`` if any (``TDAD``: TDAD
+    only), else those whose class or label is ``name`` ignoring case (``tdad``: TDAD and RD)."""
+    label = label or model_label
+    exact = [entry for entry in entries if label(entry) == name]
+    return exact or [entry for entry in entries if name.lower() in {model_name(entry).lower(), label(entry).lower()}]
+
+
 def parse_value(text: str) -> Any:
     """A command-line value read as YAML (``0.01`` -> float, ``[a, b]`` -> list, ``none`` -> None)."""
     return yaml.safe_load(text)
@@ -175,8 +183,7 @@ def load_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     for entry in models:
         check_keys(entry, MODEL_KEYS, "Model")
     if args.models:
-        wanted = {name.lower() for name in args.models}
-        models = [entry for entry in models if wanted & {model_name(entry).lower(), model_label(entry).lower()}]
+        models = [entry for entry in models if any(entry in matching(models, name) for name in args.models)]
         if not models:
             msg = f"--models {args.models}: no model entry of these classes or labels."
             raise ConfigError(msg)
@@ -186,7 +193,7 @@ def load_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         if not (sep and dot and name and key):
             msg = f"--init-arg expects CLASS_OR_LABEL.KEY=VALUE, got {override!r}."
             raise ConfigError(msg)
-        chosen = [entry for entry in models if name.lower() in {model_name(entry).lower(), model_label(entry).lower()}]
+        chosen = matching(models, name)
         if not chosen:
             msg = f"--init-arg {override!r}: no model entry of class or label {name!r}."
             raise ConfigError(msg)
@@ -213,8 +220,8 @@ def load_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             init["num_workers"] = args.num_workers
     datasets = [expanded for entry in datasets for expanded in get_iterator_from_grid_dict(entry)]
     if args.datasets:
-        wanted = {name.lower() for name in args.datasets}
-        datasets = [entry for entry in datasets if wanted & {data_label(entry).lower(), model_name(entry).lower()}]
+        chosen = [matching(datasets, name, data_label) for name in args.datasets]
+        datasets = [entry for entry in datasets if any(entry in entries for entries in chosen)]
         if not datasets:
             msg = f"--datasets {args.datasets}: no data entry of these labels or classes."
             raise ConfigError(msg)
@@ -688,7 +695,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
     parser.add_argument(
-        "--models", nargs="+", default=None, help="run only the model entries of these classes or labels (e.g. Tdad)"
+        "--models",
+        nargs="+",
+        default=None,
+        help="run only the model entries of these classes or labels (an exact label: that entry only; "
+        "Tdad: TDAD and RD; TDAD: TDAD only)",
     )
     parser.add_argument(
         "--init-arg",
@@ -696,7 +707,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="CLASS.KEY=VALUE",
         help="set an init_arg of the model entries of a class or label, value read as YAML (repeatable), e.g. "
-        "Patchcore.coreset_sampling_ratio=0.01",
+        "Patchcore.coreset_sampling_ratio=0.01; an exact label selects that entry only (TDAD.margin=0.3: not RD)",
     )
     parser.add_argument(
         "--limit-train", type=int, default=0, help="quick check: train on this many random images (default 0: all)"

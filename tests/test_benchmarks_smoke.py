@@ -359,7 +359,8 @@ def test_dev_and_ablation_configs_expand_to_their_grids(harness: ModuleType) -> 
 
 
 def test_command_line_picks_models_and_sets_their_arguments(harness: ModuleType) -> None:
-    """``--models``, ``--datasets`` and ``--init-arg`` match class names or labels; ``--seeds`` replaces the seeds."""
+    """``--models``, ``--datasets`` and ``--init-arg`` match an exact label, else class names or labels ignoring
+    case; ``--seeds`` replaces the seeds."""
     args = ["--config", "unused", "--models", "Tdad", "padim", "--init-arg", "Tdad.margin=0.3", "--seeds", "5"]
     args += ["--datasets", "mvtecad/magnetic_tile"]
     config = harness.load_config(BENCHMARKS / "dev.yaml", harness.parse_args(args))
@@ -369,6 +370,9 @@ def test_command_line_picks_models_and_sets_their_arguments(harness: ModuleType)
     assert {job.seed for job in jobs} == {5}
     margins = {job.label: job.container["model"].get("init_args", {}).get("margin") for job in jobs}
     assert margins == {"TDAD": 0.3, RD_LABEL: 0.3, "PaDiM": None}
+    exact = ["--config", "unused", "--models", "TDAD", "--init-arg", "TDAD.margin=0.2"]  # a label: that entry only
+    config = harness.load_config(BENCHMARKS / "dev.yaml", harness.parse_args(exact))
+    assert config["benchmark"]["model"] == {"class_path": "Tdad", "init_args": {"margin": 0.2}}
 
 
 @pytest.mark.parametrize(

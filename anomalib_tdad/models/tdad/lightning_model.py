@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib import LearningType, TaskType
+from anomalib.data import AnomalibDataModule, Batch
 from anomalib.data.transforms.utils import extract_transforms_by_type
+from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -33,8 +34,10 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
+from torchmetrics import Metric
 from torchvision.transforms.v2 import Normalize
 
+from anomalib_tdad import export
 from anomalib_tdad.callbacks import DataCheck, SeededEpochs
 from anomalib_tdad.checkpoint import (
     IncompatibleCheckpointError,
@@ -237,6 +240,23 @@ class Tdad(AnomalibModule):
         """Predict maps and scores, used by the post-processor to fit its normalization."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+        ov_kwargs: dict[str, Any] | None = None,
+        onnx_kwargs: dict[str, Any] | None = None,
+    ) -> Path:
+        """anomalib's OpenVINO export; ``int8_ptq``/``int8_acq`` keep the map head in float (see ``export``)."""
+        options = (input_size, compression_type, datamodule, metric, task, max_drop, ov_kwargs, onnx_kwargs)
+        return export.to_openvino(super().to_openvino, export_root, model_file_name, *options)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -3,13 +3,13 @@
 anomalib 2.7's ``int8_ptq`` quantizes every activation, the map head included, each to 256 levels of a range
 estimated on the calibration images: that range cuts off the top of the map (the summed standardized distances of
 a trained tiny TDAD reach 13.3 but are clipped at 8.6), and as the image score is the map's maximum, every image
-that reaches the clip gets the same score, all 16 test images in that case. Its ``int8_acq`` does not repair it:
-its search reverted network quantizers only, none of the head's, and gave up short of ``max_drop`` (its
-validation metric is also never reset, so it scores the predictions of every model tried so far together), and
-it saves the broken model anyway. Here the head (everything from the features' L2 norms to the outputs:
-distances, standardization, upsampling, blur, post-processing) stays in float32; the convolutions, where the
-time goes, run in INT8. Calibration and validation data are anomalib's: the datamodule's validation set
-calibrates, its test set validates ``int8_acq``.
+that reaches the clip gets the same score to 4 decimals, all 16 test images in that case. Its ``int8_acq`` does
+not repair it: its search reverted network quantizers only, none of the head's, and gave up short of
+``max_drop`` (its validation metric is also never reset, so it scores the predictions of every model tried so
+far together), and it saves the broken model anyway. Here the head (everything from the features' L2 norms to
+the outputs: distances, standardization, upsampling, blur, post-processing) stays in float32; the convolutions,
+where the time goes, run in INT8. Calibration and validation data are anomalib's: the datamodule's validation
+set calibrates, its test set validates ``int8_acq``.
 """
 
 import contextlib

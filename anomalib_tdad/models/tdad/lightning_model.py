@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType, TaskType
-from anomalib.data import AnomalibDataModule, Batch
+from anomalib import LearningType
+from anomalib.data import Batch
 from anomalib.data.transforms.utils import extract_transforms_by_type
-from anomalib.deploy import CompressionType
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -34,7 +33,6 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
-from torchmetrics import Metric
 from torchvision.transforms.v2 import Normalize
 
 from anomalib_tdad import export
@@ -241,22 +239,9 @@ class Tdad(AnomalibModule):
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
 
-    def to_openvino(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        compression_type: CompressionType | None = None,
-        datamodule: AnomalibDataModule | None = None,
-        metric: Metric | None = None,
-        task: TaskType | None = None,
-        max_drop: float = 0.01,
-        ov_kwargs: dict[str, Any] | None = None,
-        onnx_kwargs: dict[str, Any] | None = None,
-    ) -> Path:
-        """anomalib's OpenVINO export; ``int8_ptq``/``int8_acq`` keep the map head in float (see ``export``)."""
-        options = (input_size, compression_type, datamodule, metric, task, max_drop, ov_kwargs, onnx_kwargs)
-        return export.to_openvino(super().to_openvino, export_root, model_file_name, *options)
+    def to_openvino(self, *args, **kwargs) -> Path:
+        """anomalib's OpenVINO export (same arguments); ``int8_ptq``/``int8_acq`` keep the map head in float."""
+        return export.to_openvino(super().to_openvino, *args, **kwargs)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

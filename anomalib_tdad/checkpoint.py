@@ -96,7 +96,10 @@ def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> None:
 def check_checkpoint(
     checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
 ) -> None:
-    """Both checks on a Lightning checkpoint loaded into a model with ``hparams`` and ``state_dict``."""
+    """Both checks on a Lightning checkpoint loaded into a model with ``hparams`` and ``state_dict``.
+
+    The model's own ``layers`` are best given as it resolved them; ``None`` would be resolved again here.
+    """
     own = _resolved(hparams)
     check_hyper_parameters(_resolved(checkpoint.get("hyper_parameters", {})), own)
     check_shapes(

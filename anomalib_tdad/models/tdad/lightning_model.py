@@ -179,7 +179,7 @@ class Tdad(AnomalibModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read checkpoints of earlier versions; refuse one of another architecture, by name."""
         upgrade_state_dict(checkpoint.get("state_dict", {}))
-        check_checkpoint(checkpoint, self.hparams, self.state_dict())
+        check_checkpoint(checkpoint, {**self.hparams, "layers": self.model.layers}, self.state_dict())
         super().on_load_checkpoint(checkpoint)
 
     def compute_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

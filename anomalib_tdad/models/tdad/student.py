@@ -103,6 +103,7 @@ class Student(nn.Module):
         embedding_dim = embedding_dim or max(256, 2 * channels[-1])
         self.bottleneck = Bottleneck(channels, reductions, embedding_dim)
         self.decoder = Decoder(embedding_dim, channels)
+        self.to(memory_format=torch.channels_last)  # the teacher's layout (see Teacher)
 
     def forward(self, teacher_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Reconstruct the teacher features (finest first) from their compact embedding."""

@@ -64,6 +64,8 @@ class Teacher(nn.Module):
         # override (which Lightning would report as modules left in eval mode at the start of training).
         self.feature_extractor = freeze_batch_norm_2d(self.feature_extractor)
         self.requires_grad_(False)
+        # NHWC: oneDNN's convolutions (depthwise ones above all) run about 1.5x faster on a CPU in this layout.
+        self.to(memory_format=torch.channels_last)
         info = self.feature_extractor.feature_info
         self.out_dims: list[int] = info.channels()
         self.reductions: list[int] = info.reduction()
@@ -88,5 +90,5 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Features at every level, finest first."""
-        features = self.feature_extractor(images)
+        features = self.feature_extractor(images.contiguous(memory_format=torch.channels_last))
         return list(features.values()) if isinstance(features, dict) else list(features)

@@ -1,4 +1,5 @@
-"""Lightning callbacks that ``Tdad`` returns from ``configure_callbacks``: data checks and seeded epochs."""
+"""Lightning callbacks that ``Tdad`` returns from ``configure_callbacks``: data checks, seeded epochs and the
+validation of the final epoch."""
 
 import hashlib
 from typing import Any
@@ -85,3 +86,26 @@ class SeededEpochs(Callback):
         del pl_module, outputs, batch
         done = batch_idx + 1 >= trainer.num_training_batches
         self.next_epoch = trainer.current_epoch + 1 if done else trainer.current_epoch
+
+
+class ValidateFinalEpoch(Callback):
+    """Validate after the last epoch as well, whatever ``check_val_every_n_epoch`` says.
+
+    With ``check_val_every_n_epoch=10`` and ``max_epochs=15`` Lightning validates after epoch 10 only, and the
+    post-processor's thresholds and normalization (fitted in validation) and the checkpoint saved after
+    validation would come from an older model than the one tested. The cadence only skips validations
+    in between.
+    """
+
+    def __init__(self) -> None:
+        self.every_n_epochs: int | None = None  # the trainer's cadence, read at the first epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validate every epoch from the last epoch on (Lightning reads the cadence at each epoch's end)."""
+        del pl_module
+        if self.every_n_epochs is None:
+            self.every_n_epochs = trainer.check_val_every_n_epoch
+        if self.every_n_epochs is None:  # validation every n steps: not epoch based
+            return
+        final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        trainer.check_val_every_n_epoch = 1 if final else self.every_n_epochs

@@ -1,13 +1,15 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from anomalib.data import InferenceBatch
-from conftest import tiny_datamodule
+from conftest import quiet_engine, tiny_datamodule
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 
 from anomalib_tdad import Tdad
 from anomalib_tdad.models.tdad.corruption import Corruption
@@ -251,6 +253,23 @@ def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -
     assert epochs_trained(max_steps=1) == 1
 
 
+def test_validation_runs_every_n_epochs_and_after_the_last_one(tiny_root, tmp_path) -> None:
+    validated: list[int] = []
+
+    class RecordValidation(Callback):
+        def on_validation_start(self, trainer: Trainer, pl_module: Tdad) -> None:
+            validated.append(trainer.current_epoch)
+
+    model = untrained_tdad(check_val_every_n_epoch=2, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+    engine = quiet_engine(
+        tmp_path, max_epochs=5, limit_train_batches=1, limit_val_batches=1, callbacks=[RecordValidation()]
+    )
+    engine.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=8))  # anomalib's Engine: trainer_arguments
+    assert validated == [1, 3, 4]  # epochs 2 and 4, and the fifth and last one
+    with pytest.raises(ValueError, match="check_val_every_n_epoch must be a positive"):
+        untrained_tdad(check_val_every_n_epoch=0)
+
+
 @pytest.mark.parametrize(
     ("backbone", "layers", "stride"),
     [
@@ -400,3 +419,53 @@ def test_separable_blur_equals_anomalibs_2d_gaussian_blur() -> None:
     for sigma in (1.0, 4.0, 6.5):
         expected = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=2 * int(4 * sigma + 0.5) + 1)(maps)
         torch.testing.assert_close(SeparableGaussianBlur(sigma)(maps), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_the_teacher_feature_cache_skips_seen_images_and_changes_no_feature() -> None:
+    model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, teacher_cache_mb=64).train()
+    batches: list[int] = []
+    model.teacher.register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
+    images, others = torch.randn(4, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    model(images)
+    teacher, _ = model(images[:2], others)  # seen images come from the cache; the corrupted view is not stored
+    assert batches == [4, 2]
+    fresh = model.teacher(torch.cat([images[:2], others]))
+    for cached, computed in zip(teacher, fresh, strict=True):
+        torch.testing.assert_close(cached, computed)
+    assert len(model.teacher_cache.entries) == 4  # ``others`` were looked up, not stored
+
+    assert copy.deepcopy(model).teacher_cache.entries == {}  # exports and copies do not carry it
+    model.load_state_dict(model.state_dict())  # e.g. a checkpoint: the teacher may have changed
+    assert model.teacher_cache.entries == {}
+    small = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, teacher_cache_mb=0).train()
+    small(images)
+    assert small.teacher_cache.entries == {}
+
+
+def test_training_with_the_feature_cache_follows_training_without_it() -> None:
+    images = torch.randn(4, 3, 64, 64)
+
+    def losses(cache_mb: int) -> list[float]:
+        torch.manual_seed(0)
+        model = untrained_tdad(teacher_cache_mb=cache_mb, pre_processor=Tdad.configure_pre_processor(image_size=64))
+        optimizer = model.configure_optimizers()
+        values = []
+        for _ in range(3):
+            loss, _ = model.compute_loss(images)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            values.append(loss.item())
+        return values
+
+    cached, uncached = losses(64), losses(0)
+    assert cached[-1] < cached[0]
+    assert cached == pytest.approx(uncached, rel=1e-3)  # batch composition moves the last digits only
+
+
+def test_an_image_that_drew_no_anomaly_stays_the_same_tensor() -> None:
+    corruption = Corruption(perlin_probability=0.0, mask_probability=0.0)
+    images = torch.randn(3, 3, 32, 32)
+    corrupted, mask = corruption(images)
+    assert mask.amax() == 0
+    assert torch.equal(corrupted, images)

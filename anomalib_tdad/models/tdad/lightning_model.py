@@ -36,7 +36,7 @@ from torch import optim
 from torchvision.transforms.v2 import Normalize
 
 from anomalib_tdad import export
-from anomalib_tdad.callbacks import DataCheck, SeededEpochs
+from anomalib_tdad.callbacks import DataCheck, SeededEpochs, ValidateFinalEpoch
 from anomalib_tdad.checkpoint import (
     IncompatibleCheckpointError,
     NonFiniteLossError,
@@ -86,9 +86,15 @@ class Tdad(AnomalibModule):
             on the normal training images (fitted after training) before the levels are summed.
         level_weights: Weight of each level's map in the anomaly map, finest first (``None``: all 1). It
             changes only the map, not the training; a level of weight 0 is still distilled.
+        teacher_cache_mb: Memory (MiB) for the teacher's features of the training images: on a CPU the
+            teacher pass is most of a step, and a frozen teacher gives an image the same features every epoch
+            (0 switches the cache off; GPUs do not use it).
         learning_rate: Adam learning rate.
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
+        check_val_every_n_epoch: Validate (refit the map statistics, score the validation set) every this many
+            epochs and after the last one. It replaces the trainer's setting of the same name (anomalib's
+            rule for ``trainer_arguments``); 1 validates every epoch.
         check_data: Check every image and mask of the splits a run uses before it starts (see
             :class:`~anomalib_tdad.callbacks.DataCheck`); ``False`` skips the check.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
@@ -114,8 +120,10 @@ class Tdad(AnomalibModule):
         score_topk: float = 0.0,
         standardize: bool = True,
         level_weights: Sequence[float] | None = None,
+        teacher_cache_mb: int = 1024,
         learning_rate: float = 0.005,
         default_epochs: int = 40,
+        check_val_every_n_epoch: int = 10,
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -134,6 +142,7 @@ class Tdad(AnomalibModule):
             score_topk=score_topk,
             standardize=standardize,
             level_weights=level_weights,
+            teacher_cache_mb=teacher_cache_mb,
         )
         self.loss = TdadLoss(lambda_gkd=lambda_gkd, lambda_scd=lambda_scd, lambda_dmd=lambda_dmd, margin=margin)
         normalize = extract_transforms_by_type(getattr(self.pre_processor, "transform", None), Normalize)
@@ -149,6 +158,10 @@ class Tdad(AnomalibModule):
         )
         self.learning_rate = learning_rate
         self.default_epochs = default_epochs
+        if check_val_every_n_epoch < 1:
+            msg = f"check_val_every_n_epoch must be a positive number of epochs, got {check_val_every_n_epoch}."
+            raise ValueError(msg)
+        self.check_val_every_n_epoch = check_val_every_n_epoch
         self.check_data = check_data
         self._statistics_step = -1  # global step at which the map statistics were last fitted
 
@@ -157,10 +170,10 @@ class Tdad(AnomalibModule):
         return optim.Adam(self.model.student.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """anomalib's components, the data checks (unless switched off) and per-epoch seeding."""
+        """anomalib's components, the data checks (unless switched off), per-epoch seeding, final validation."""
         callbacks = super().configure_callbacks()
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
-        return [*callbacks, *([DataCheck()] if self.check_data else []), SeededEpochs()]
+        return [*callbacks, *([DataCheck()] if self.check_data else []), SeededEpochs(), ValidateFinalEpoch()]
 
     def on_fit_start(self) -> None:
         """Load teacher weights left to download; train ``default_epochs`` when no training length was set."""
@@ -187,7 +200,7 @@ class Tdad(AnomalibModule):
         if not self.loss.needs_corruption:
             return self.loss(*self.model(images))
         corrupted, mask = self.corruption(images)
-        teacher, student = self.model(torch.cat([images, corrupted]))
+        teacher, student = self.model(images, corrupted)
         clean, corrupt = slice(None, len(images)), slice(len(images), None)
         return self.loss(
             teacher_clean=[t[clean] for t in teacher],
@@ -234,6 +247,10 @@ class Tdad(AnomalibModule):
         """Fit the statistics of the final student (if no validation followed the last step)."""
         self.fit_map_statistics()
 
+    def on_fit_end(self) -> None:
+        """Free the cached teacher features: only training and statistics passes read them."""
+        self.model.teacher_cache.clear()
+
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict maps and scores, used by the post-processor to fit its normalization."""
         del args, kwargs
@@ -245,8 +262,12 @@ class Tdad(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+        """No gradient clipping, no sanity validation, validation every ``check_val_every_n_epoch`` epochs."""
+        return {
+            "gradient_clip_val": 0,
+            "num_sanity_val_steps": 0,
+            "check_val_every_n_epoch": self.check_val_every_n_epoch,
+        }
 
     @property
     def learning_type(self) -> LearningType:

@@ -10,6 +10,7 @@ from torch import nn
 from anomalib_tdad.weights import check_pretrained_available, pretrained_weights_cached
 
 from .anomaly_map import AnomalyMapGenerator, image_score, level_distances
+from .feature_cache import FeatureCache
 from .student import Student, embedding_stride
 from .teacher import Teacher
 
@@ -19,6 +20,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def _teacher_loaded(model: "TdadModel", incompatible: nn.modules.module._IncompatibleKeys) -> None:
     """A state dict that holds the teacher's weights (a checkpoint) makes downloading them unnecessary."""
+    model.teacher_cache.clear()
     if not any(".feature_extractor." in key for key in incompatible.missing_keys):
         model.weights_pending = False
 
@@ -43,6 +45,8 @@ class TdadModel(nn.Module):
         standardize: Standardize each level's distance map with its per-position mean and standard deviation
             on the normal training images before summing the levels (see :class:`LevelStatistics`).
         level_weights: Weight of each level's map in the sum, finest first (``None``: all 1).
+        teacher_cache_mb: Memory for the teacher features of normal training images, reused in later epochs and
+            statistics passes on a CPU (see :class:`FeatureCache`; 0 switches it off).
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class TdadModel(nn.Module):
         score_topk: float = 0.0,
         standardize: bool = True,
         level_weights: Sequence[float] | None = None,
+        teacher_cache_mb: int = 1024,
     ) -> None:
         super().__init__()
         if not timm.is_model(backbone):
@@ -65,6 +70,7 @@ class TdadModel(nn.Module):
             raise ValueError(msg)
         cached = pre_trained and pretrained_weights_cached(backbone)
         self.teacher = Teacher(backbone, layers, pre_trained=cached)
+        self.teacher_cache = FeatureCache(teacher_cache_mb * 2**20)
         self.weights_pending = pre_trained and not cached
         self.register_load_state_dict_post_hook(_teacher_loaded)
         self.layers = self.teacher.layers
@@ -87,6 +93,7 @@ class TdadModel(nn.Module):
         if self.weights_pending:
             check_pretrained_available(self.backbone)
             self.teacher.load_pretrained()
+            self.teacher_cache.clear()
             self.weights_pending = False
 
     def check_input_size(self, size: Sequence[int]) -> None:
@@ -113,7 +120,7 @@ class TdadModel(nn.Module):
         count = torch.zeros((), dtype=torch.float64)
         try:
             for images in batches:
-                teacher = self.teacher(images)
+                teacher = self.teacher_cache(self.teacher, images)
                 distances = [d.double() for d in level_distances(teacher, self.student(teacher))]
                 batch_sums = [d.sum(dim=(0, 1)) for d in distances]
                 batch_squares = [(d**2).sum(dim=(0, 1)) for d in distances]
@@ -126,8 +133,14 @@ class TdadModel(nn.Module):
             sums, squares, count = [reduce(s) for s in sums], [reduce(s) for s in squares], reduce(count)
         self.anomaly_map_generator.statistics.fit(sums, squares, int(count.item()))
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
-        """Training: ``(teacher, student)`` features. Eval: anomaly map and score."""
+    def forward(
+        self, images: torch.Tensor, corrupted: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
+        """Training: ``(teacher, student)`` features of ``images`` and then ``corrupted``. Eval: map and score.
+
+        In training ``images`` are normal training images (their teacher features are cached) and
+        ``corrupted`` their synthetic anomalies, if any.
+        """
         if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             self.check_input_size(images.shape[-2:])
         if self.weights_pending:
@@ -136,9 +149,15 @@ class TdadModel(nn.Module):
                 "at the start of training) or load a checkpoint, or call load_pending_weights()."
             )
             raise RuntimeError(msg)
+        if self.training:
+            teacher = self.teacher_cache(self.teacher, images)
+            if corrupted is not None:
+                teacher = [
+                    torch.cat(pair)
+                    for pair in zip(teacher, self.teacher_cache(self.teacher, corrupted, store=False), strict=True)
+                ]
+            return teacher, self.student(teacher)
         teacher = self.teacher(images)
         student = self.student(teacher)
-        if self.training:
-            return teacher, student
         anomaly_map = self.anomaly_map_generator(teacher, student, images.shape[-2:])
         return InferenceBatch(pred_score=image_score(anomaly_map, self.score_topk), anomaly_map=anomaly_map)

@@ -14,9 +14,16 @@ With ``--stream-images N`` it also runs TDAD over a folder of N images (the test
 from disk batch by batch, records RSS after every batch (``stream.csv``, ``stream.png``) and reports whether
 memory stays flat.
 
-Example (smoke run)::
+With ``--fit-data`` it instead times the run a user makes, ``anomalib train --model Tdad`` with anomalib's
+default Engine (validation at the model's cadence, the datamodule's own batch size and workers), for
+``--fit-epochs`` epochs, once per source checkout in ``--fit-versions`` (each in a fresh process, that
+checkout first on ``PYTHONPATH``), and reports seconds per epoch and the ratio against the first one.
+
+Examples (a smoke run; this version against the one in ../old on KolektorSDD)::
 
     python benchmarks/speed.py --train-images 16 --infer-images 16 --image-size 128 --stream-images 200
+    python benchmarks/speed.py --fit-epochs 10 --fit-versions ../old . \
+        --fit-data '{"class_path": "Kolektor", "init_args": {"root": "../shared/data/kolektor"}}'
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -228,16 +237,104 @@ class TeacherOnly(nn.Module):
 
     def __init__(self, image_size: int) -> None:
         super().__init__()
-        from anomalib.models.components import TimmFeatureExtractor
-
         from anomalib_tdad import Tdad
+        from anomalib_tdad.models.tdad.teacher import Teacher
 
         self.pre_processor = Tdad.configure_pre_processor(image_size=(image_size, image_size))
-        self.teacher = TimmFeatureExtractor(backbone=common.TEACHER, layers=common.TDAD_LAYERS, pre_trained=True).eval()
+        self.teacher = Teacher(common.TEACHER, common.TDAD_LAYERS).eval()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Teacher features, finest level first."""
-        return tuple(self.teacher(self.pre_processor(images)).values())
+        return tuple(self.teacher(self.pre_processor(images)))
+
+
+class EpochClock(Callback):
+    """Wall time of every training epoch (validation inside it included) and of its validation."""
+
+    def __init__(self) -> None:
+        self.epochs: list[float] = []
+        self.validations: list[float] = []
+        self._epoch = self._validation = 0.0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        del trainer, pl_module
+        self._epoch = time.perf_counter()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        del trainer, pl_module
+        self._validation = time.perf_counter()
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        del trainer, pl_module
+        self.validations.append(time.perf_counter() - self._validation)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        del trainer, pl_module
+        self.epochs.append(time.perf_counter() - self._epoch)
+
+
+def user_fit(data: dict[str, Any], epochs: int, threads: int) -> dict[str, Any]:
+    """Fit the default ``Tdad`` with anomalib's default Engine (``max_epochs`` set) on ``data``; its timings."""
+    from anomalib.data import get_datamodule
+
+    import anomalib_tdad
+    from anomalib_tdad import Tdad
+
+    torch.set_num_threads(threads)
+    seed_everything(0)
+    clock = EpochClock()
+    with tempfile.TemporaryDirectory() as workdir:
+        engine = Engine(max_epochs=epochs, default_root_dir=workdir, logger=False, callbacks=[clock])
+        start = time.perf_counter()
+        engine.fit(model=Tdad(), datamodule=get_datamodule(data))
+        total = time.perf_counter() - start
+    return {
+        "version": anomalib_tdad.__version__,
+        "source": str(Path(anomalib_tdad.__file__).parent.parent),
+        "epochs": len(clock.epochs),
+        "fit_s": total,
+        "s_per_epoch": sum(clock.epochs) / len(clock.epochs),
+        "first_epoch_s": clock.epochs[0],
+        "later_epochs_s": sum(clock.epochs[1:]) / max(1, len(clock.epochs) - 1),
+        "validations": len(clock.validations),
+        "validation_s": sum(clock.validations) / max(1, len(clock.validations)),
+    }
+
+
+def fit_versions(args: argparse.Namespace, output: Path) -> list[str]:
+    """Run :func:`user_fit` once per ``--fit-versions`` checkout, each in its own process; report sections."""
+    rows = []
+    for source in args.fit_versions:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source.resolve()), os.environ.get("PYTHONPATH", "")])}
+        request = json.dumps({"data": args.fit_data, "epochs": args.fit_epochs, "threads": args.threads})
+        done = subprocess.run(
+            [sys.executable, __file__, "--fit-child", request], env=env, capture_output=True, text=True, check=False
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            rows.append({"source": str(source), "error": done.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(lines[-1]))
+        pd.DataFrame(rows).to_csv(output / "fit.csv", index=False)
+    table = pd.DataFrame(rows)
+    first = table.s_per_epoch.iloc[0] if "s_per_epoch" in table and pd.notna(table.s_per_epoch.iloc[0]) else np.nan
+    columns = ["version", "source", "epochs", "fit_s", "s_per_epoch", "first_epoch_s", "later_epochs_s"]
+    cells = [
+        [
+            *(str(row.get(c, "—")) for c in columns[:3]),
+            *(f"{row.get(c, np.nan):.1f}" for c in columns[3:]),
+            f"{row.get('validations', '—')} × {row.get('validation_s', np.nan):.1f}",
+            f"{first / row.get('s_per_epoch', np.nan):.2f}×",
+        ]
+        for row in rows
+    ]
+    return [
+        f"## anomalib's default Engine, {args.fit_epochs} epochs\n\nData: `{json.dumps(args.fit_data)}` (its own "
+        f"batch size and workers); {args.threads} torch thread(s); each version in a fresh process. An epoch's time "
+        "includes the validation (and map-statistics refit) that follows it, when there is one. Speed-up: the "
+        "first version's seconds per epoch over this one's.",
+        common.markdown_table([*columns, "validations × s", "speed-up"], cells),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -466,13 +563,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-speed)"
     )
+    parser.add_argument(
+        "--fit-data", type=json.loads, default=None, help="time anomalib's default fit on this datamodule (JSON)"
+    )
+    parser.add_argument("--fit-epochs", type=int, default=10, help="epochs of each --fit-data run")
+    parser.add_argument(
+        "--fit-versions", type=Path, nargs="+", default=[Path()], help="source checkouts timed with --fit-data"
+    )
+    parser.add_argument("--fit-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Measure every model, write the CSV and the report; returns 1 if a measurement failed."""
     args = parse_args(argv)
+    if args.fit_child:  # one --fit-versions run, in its own process
+        common.quiet()
+        print(json.dumps(user_fit(**json.loads(args.fit_child))))
+        return 0
     output = common.setup_run(args, "speed")
+    if args.fit_data:
+        title = "TDAD: time of anomalib's default fit, version against version"
+        common.write_report(output / "report.md", title, fit_versions(args, output))
+        print(f"Wrote {output / 'report.md'}")
+        return 0
     torch.set_num_threads(args.threads)
     data = common.DataConfig(args.root, args.category, args.batch_size, args.num_workers, args.train_images)
     batches = test_batches(data, args.infer_images, args.image_size, args.batch_size)

@@ -385,6 +385,45 @@ def test_batches(data: common.DataConfig, count: int, image_size: int, batch_siz
     return list(torch.stack(images).split(batch_size))
 
 
+@torch.inference_mode()
+def tdad_parts(model: AnomalibModule, batches: Sequence[torch.Tensor], repeats: int = REPEATS) -> dict[str, float]:
+    """Milliseconds per image of each part of TDAD's eager inference, each the best of ``repeats`` passes."""
+    net = model.model
+    pre = [model.pre_processor(batch) for batch in batches]
+    teacher = [net.teacher(images) for images in pre]
+    student = [net.student(features) for features in teacher]
+    size = tuple(pre[0].shape[-2:])
+    parts: dict[str, tuple[Callable[..., Any], list[Any]]] = {
+        "pre-processing": (model.pre_processor, list(batches)),
+        "teacher": (net.teacher, pre),
+        "student": (net.student, teacher),
+        "map (distances, statistics, upsampling, blur)": (
+            lambda pair: net.anomaly_map_generator(*pair, size),
+            list(zip(teacher, student, strict=True)),
+        ),
+        "whole model (with post-processing)": (model, list(batches)),
+    }
+    images = sum(len(batch) for batch in batches)
+    times = {}
+    for name, (forward, inputs) in parts.items():
+        forward(inputs[0])
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for item in inputs:
+                forward(item)
+            best = min(best, time.perf_counter() - start)
+        times[name] = 1000 * best / images
+    return times
+
+
+def parts_section(parts: dict[str, float]) -> str:
+    """Markdown table of :func:`tdad_parts`, each part also as a share of the teacher's time."""
+    teacher = parts["teacher"]
+    cells = [[name, f"{ms:.2f}", f"{ms / teacher:.2f}×"] for name, ms in parts.items()]
+    return "## TDAD's eager inference by part\n\n" + common.markdown_table(["part", "ms per image", "÷ teacher"], cells)
+
+
 def measure(
     label: str,
     build: Callable[[], nn.Module],
@@ -416,6 +455,8 @@ def measure(
     model.eval()
     with PeakRSS() as memory:
         row["eager_images_per_s"] = images_per_second(model, batches)
+    if label == "TDAD":
+        row["parts"] = tdad_parts(model, batches)
     row["eager_mem_mb"] = memory.peak - base
     if not args.no_openvino:
         try:
@@ -536,6 +577,61 @@ def ratio_table(rows: pd.DataFrame) -> str:
     return common.markdown_table(["ratio", *quantities], out)
 
 
+def measure_size(args: argparse.Namespace, output: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Every model at ``args.image_size``: the results table and the report sections."""
+    torch.set_num_threads(args.threads)
+    data = common.DataConfig(args.root, args.category, args.batch_size, args.num_workers, args.train_images)
+    batches = test_batches(data, args.infer_images, args.image_size, args.batch_size)
+    jobs: list[tuple[str, Callable[[], nn.Module], int | None]] = [
+        (
+            DEFAULT_BANK_LABEL if key == "patchcore-default-bank" else common.LABELS[key],
+            partial(build_speed_model, key, args),
+            1 if key.startswith(tuple(common.MEMORY_BANK)) else args.epochs,
+        )
+        for key in args.models
+    ]
+    jobs.append((TEACHER_LABEL, partial(TeacherOnly, args.image_size), None))
+    warm_up(args, data, batches)
+    rows = []
+    for label, build, epochs in tqdm(jobs, desc="speed", unit="model", dynamic_ncols=True):
+        row = measure(label, build, args, data, batches, epochs)
+        if label == DEFAULT_BANK_LABEL:  # its bank was drawn at random: only inference is comparable
+            row = {key: value for key, value in row.items() if not key.startswith("train")}
+        rows.append(row)
+        pd.DataFrame(rows).drop(columns="parts", errors="ignore").to_csv(
+            output / f"speed-{args.image_size}.csv", index=False
+        )
+    results = pd.DataFrame(rows).reindex(columns=["model", "epochs", "train_images", *COLUMNS, "error"])
+
+    cells = [
+        [row.model, *("—" if pd.isna(row[c]) else f"{row[c]:.4g}" for c in COLUMNS)] for _, row in results.iterrows()
+    ]
+    train_images = int(results.train_images.max()) if results.train_images.notna().any() else 0
+    sections = [
+        (
+            f"Dataset `{args.root / args.category}`: {train_images} training images, {sum(map(len, batches))} test "
+            f"images timed for inference, {args.image_size}×{args.image_size} px, batch size {args.batch_size}, "
+            f"{args.threads} torch/OpenVINO thread(s), {args.num_workers} data loader workers. Teacher "
+            f"`{common.TEACHER}` for every model (TDAD: {', '.join(common.TDAD_LAYERS)}; STFPM: "
+            f"{', '.join(common.PEER_LAYERS)}; PatchCore: {', '.join(common.PATCHCORE_LAYERS)}); "
+            f"PatchCore coreset ratio {args.coreset_ratio}."
+        ),
+        "## Absolute numbers (this device and thread count only)\n\n"
+        + common.markdown_table(["model", *COLUMNS], cells),
+        METHOD_NOTE,
+        "## Ratios (TDAD cost ÷ peer cost; > 1 means TDAD costs more)\n\n" + ratio_table(results),
+        *(parts_section(row["parts"]) for row in rows if "parts" in row),
+    ]
+    if args.stream_images:
+        sections.append(stream_section(stream(args, data, output)))
+    failed = results[results.error.fillna("") != ""]
+    if len(failed):
+        sections.append(
+            "**Failures:**\n\n" + common.markdown_table(["model", "error"], failed[["model", "error"]].to_numpy())
+        )
+    return results, sections
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
@@ -543,7 +639,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--root", type=Path, default=common.DEFAULT_ROOT, help="dataset root in MVTec AD layout")
     parser.add_argument("--category", default=common.DEFAULT_CATEGORY, help="category folder under --root")
-    parser.add_argument("--image-size", type=int, default=256, help="square input size of every model")
+    parser.add_argument(
+        "--image-size", type=int, nargs="+", default=[256], help="square input size(s) of every model, in turn"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="train and inference batch size")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and OpenVINO CPU threads")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
@@ -588,53 +686,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote {output / 'report.md'}")
         return 0
     torch.set_num_threads(args.threads)
-    data = common.DataConfig(args.root, args.category, args.batch_size, args.num_workers, args.train_images)
-    batches = test_batches(data, args.infer_images, args.image_size, args.batch_size)
-    jobs: list[tuple[str, Callable[[], nn.Module], int | None]] = [
-        (
-            DEFAULT_BANK_LABEL if key == "patchcore-default-bank" else common.LABELS[key],
-            partial(build_speed_model, key, args),
-            1 if key.startswith(tuple(common.MEMORY_BANK)) else args.epochs,
-        )
-        for key in args.models
-    ]
-    jobs.append((TEACHER_LABEL, partial(TeacherOnly, args.image_size), None))
-    warm_up(args, data, batches)
-    rows = []
-    for label, build, epochs in tqdm(jobs, desc="speed", unit="model", dynamic_ncols=True):
-        row = measure(label, build, args, data, batches, epochs)
-        if label == DEFAULT_BANK_LABEL:  # its bank was drawn at random: only inference is comparable
-            row = {key: value for key, value in row.items() if not key.startswith("train")}
-        rows.append(row)
-        pd.DataFrame(rows).to_csv(output / "speed.csv", index=False)
-    results = pd.DataFrame(rows).reindex(columns=["model", "epochs", "train_images", *COLUMNS, "error"])
+    tables, sections = [], []
+    for size in args.image_size:
+        results, size_sections = measure_size(argparse.Namespace(**{**vars(args), "image_size": size}), output)
+        tables.append(results.assign(image_size=size))
+        heading = [f"## At {size} × {size} px"] if len(args.image_size) > 1 else []
+        sections += heading + size_sections
+    results = pd.concat(tables, ignore_index=True)
     results.to_csv(output / "speed.csv", index=False)
-
-    cells = [
-        [row.model, *("—" if pd.isna(row[c]) else f"{row[c]:.4g}" for c in COLUMNS)] for _, row in results.iterrows()
-    ]
-    train_images = int(results.train_images.max()) if results.train_images.notna().any() else 0
-    sections = [
-        (
-            f"Dataset `{args.root / args.category}`: {train_images} training images, {sum(map(len, batches))} test "
-            f"images timed for inference, {args.image_size}×{args.image_size} px, batch size {args.batch_size}, "
-            f"{args.threads} torch/OpenVINO thread(s), {args.num_workers} data loader workers. Teacher "
-            f"`{common.TEACHER}` for every model (TDAD: {', '.join(common.TDAD_LAYERS)}; STFPM: "
-            f"{', '.join(common.PEER_LAYERS)}; PatchCore: {', '.join(common.PATCHCORE_LAYERS)}); "
-            f"PatchCore coreset ratio {args.coreset_ratio}."
-        ),
-        "## Absolute numbers (this device and thread count only)\n\n"
-        + common.markdown_table(["model", *COLUMNS], cells),
-        METHOD_NOTE,
-        "## Ratios (TDAD cost ÷ peer cost; > 1 means TDAD costs more)\n\n" + ratio_table(results),
-    ]
-    if args.stream_images:
-        sections.append(stream_section(stream(args, data, output)))
     failed = results[results.error.fillna("") != ""]
-    if len(failed):
-        sections.append(
-            "**Failures:**\n\n" + common.markdown_table(["model", "error"], failed[["model", "error"]].to_numpy())
-        )
     title = f"TDAD cost against PatchCore, STFPM and the teacher alone ({args.category})"
     common.write_report(output / "report.md", title, sections)
     print(f"Wrote {output / 'report.md'}")

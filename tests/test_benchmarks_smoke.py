@@ -7,6 +7,7 @@ as a subprocess. The numbers mean nothing at this size. The benchmark configs ar
 
 import importlib
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -479,8 +480,22 @@ def test_speed_measures_tdad_and_the_teacher_with_streaming(tiny_root: Path, tmp
     stream = pd.read_csv(output / "stream.csv")
     assert stream.images.tolist() == [0, 8, 16, 24]
     assert (stream.rss_mb > 0).all()
-    assert_report(output / "report.md", ["TDAD / teacher only", "Streaming"])
+    assert_report(output / "report.md", ["TDAD / teacher only", "Streaming", "TDAD's eager inference by part"])
     assert_png(output / "stream.png")
+
+
+def test_speed_times_anomalibs_default_fit_of_a_source_checkout(tiny_root: Path, tmp_path: Path) -> None:
+    """``--fit-data``: the default Engine's fit in a fresh process; it validates only after the last epoch."""
+    data = {"class_path": "MVTecAD", "init_args": {"root": str(tiny_root), "category": "brick", "num_workers": 0}}
+    output = tmp_path / "fit"
+    args = ["--fit-data", json.dumps(data), "--fit-epochs", "2", "--fit-versions", str(BENCHMARKS.parent)]
+    run_script("speed.py", *args, "--threads", "1", "--output", str(output), cwd=tmp_path)
+    fit = pd.read_csv(output / "fit.csv")
+    assert fit.source.tolist() == [str(BENCHMARKS.parent)]
+    assert fit.epochs.tolist() == [2]
+    assert fit.validations.tolist() == [1]  # every 10 epochs and after the last: the second only
+    assert (fit.s_per_epoch > 0).all()
+    assert_report(output / "report.md", ["default Engine, 2 epochs", "speed-up"])
 
 
 @pytest.mark.slow

@@ -220,7 +220,11 @@ def openvino_forward(model: Any, threads: int) -> Callable[[torch.Tensor], Any]:
     compiled = ov.Core().compile_model(
         model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
     )
-    return lambda batch: compiled(batch.numpy())
+    batch_dim = compiled.inputs[0].get_partial_shape()[0]
+    if batch_dim.is_dynamic:
+        return lambda batch: compiled(batch.numpy())
+    # anomalib's export can fix the batch size in the graph (PatchCore at 256 px: 2): feed batches in such chunks.
+    return lambda batch: [compiled(chunk.numpy()) for chunk in batch.split(batch_dim.get_length())]
 
 
 def to_openvino(model: nn.Module, folder: str, example: torch.Tensor) -> Any:

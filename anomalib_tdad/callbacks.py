@@ -94,18 +94,35 @@ class ValidateFinalEpoch(Callback):
     With ``check_val_every_n_epoch=10`` and ``max_epochs=15`` Lightning validates after epoch 10 only, and the
     post-processor's thresholds and normalization (fitted in validation) and the checkpoint saved after
     validation would come from an older model than the one tested. The cadence only skips validations
-    in between.
+    in between. Runs limited by steps or time only (no ``max_epochs``) keep the cadence as it is.
     """
 
     def __init__(self) -> None:
-        self.every_n_epochs: int | None = None  # the trainer's cadence, read at the first epoch
+        self.every_n_epochs: int | None = None  # the trainer's cadence at the start of fitting
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the trainer's cadence."""
+        del pl_module
+        self.every_n_epochs = trainer.check_val_every_n_epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validate every epoch from the last epoch on (Lightning reads the cadence at each epoch's end)."""
+        """Validate every epoch from the last epoch on (Lightning reads the cadence after every batch)."""
         del pl_module
-        if self.every_n_epochs is None:
-            self.every_n_epochs = trainer.check_val_every_n_epoch
-        if self.every_n_epochs is None:  # validation every n steps: not epoch based
+        if self.every_n_epochs is None or trainer.max_epochs in (None, -1):
             return
-        final = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        final = trainer.current_epoch + 1 >= trainer.max_epochs
         trainer.check_val_every_n_epoch = 1 if final else self.every_n_epochs
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the trainer its cadence back (anomalib's Engine reuses the trainer for a next fit)."""
+        del pl_module
+        self._restore(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Give the trainer its cadence back."""
+        del pl_module, exception
+        self._restore(trainer)
+
+    def _restore(self, trainer: pl.Trainer) -> None:
+        if self.every_n_epochs is not None:
+            trainer.check_val_every_n_epoch = self.every_n_epochs

@@ -626,7 +626,7 @@ def measure_size(args: argparse.Namespace, output: Path) -> tuple[pd.DataFrame, 
         "## Ratios (TDAD cost ÷ peer cost; > 1 means TDAD costs more)\n\n" + ratio_table(results),
         *(parts_section(row["parts"]) for row in rows if "parts" in row),
     ]
-    if args.stream_images:
+    if args.stream_images and args.image_size == args.stream_size:
         sections.append(stream_section(stream(args, data, output)))
     failed = results[results.error.fillna("") != ""]
     if len(failed):
@@ -660,7 +660,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="models besides the teacher alone")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO export and timing")
     parser.add_argument(
-        "--stream-images", type=int, default=0, help="also stream TDAD over this many images and track RSS (0: skip)"
+        "--stream-images",
+        type=int,
+        default=0,
+        help="also stream TDAD over this many images at the first --image-size and track RSS (0: skip)",
     )
     parser.add_argument(
         "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-speed)"
@@ -688,11 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         title = "TDAD: time of anomalib's default fit, version against version"
         common.write_report(output / "report.md", title, fit_versions(args, output))
         print(f"Wrote {output / 'report.md'}")
-        return 0
+        return 1 if "error" in pd.read_csv(output / "fit.csv") else 0
     torch.set_num_threads(args.threads)
     tables, sections = [], []
     for size in args.image_size:
-        results, size_sections = measure_size(argparse.Namespace(**{**vars(args), "image_size": size}), output)
+        sized = argparse.Namespace(**{**vars(args), "image_size": size, "stream_size": args.image_size[0]})
+        results, size_sections = measure_size(sized, output)
         tables.append(results.assign(image_size=size))
         heading = [f"## At {size} × {size} px"] if len(args.image_size) > 1 else []
         sections += heading + size_sections

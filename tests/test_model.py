@@ -266,6 +266,19 @@ def test_validation_runs_every_n_epochs_and_after_the_last_one(tiny_root, tmp_pa
     )
     engine.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=8))  # anomalib's Engine: trainer_arguments
     assert validated == [1, 3, 4]  # epochs 2 and 4, and the fifth and last one
+    assert engine.trainer.check_val_every_n_epoch == 2  # given back for a next fit on the same Engine
+
+    validated.clear()
+    engine = quiet_engine(
+        tmp_path,
+        max_epochs=None,
+        max_steps=3,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        callbacks=[RecordValidation()],
+    )
+    engine.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=8))
+    assert validated == [1]  # limited by steps: the cadence stays (no epoch is known to be the last)
     with pytest.raises(ValueError, match="check_val_every_n_epoch must be a positive"):
         untrained_tdad(check_val_every_n_epoch=0)
 
@@ -418,7 +431,9 @@ def test_separable_blur_equals_anomalibs_2d_gaussian_blur() -> None:
     maps = torch.rand(2, 1, 80, 96)
     for sigma in (1.0, 4.0, 6.5):
         expected = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=2 * int(4 * sigma + 0.5) + 1)(maps)
-        torch.testing.assert_close(SeparableGaussianBlur(sigma)(maps), expected, atol=1e-6, rtol=1e-5)
+        for max_matrix_size in (512, 64):  # matrix products; 1-D convolutions (a side above 64)
+            blurred = SeparableGaussianBlur(sigma, max_matrix_size=max_matrix_size)(maps)
+            torch.testing.assert_close(blurred, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_the_teacher_feature_cache_skips_seen_images_and_changes_no_feature() -> None:
@@ -440,6 +455,9 @@ def test_the_teacher_feature_cache_skips_seen_images_and_changes_no_feature() ->
     small = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, teacher_cache_mb=0).train()
     small(images)
     assert small.teacher_cache.entries == {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 features must not come back in a float32 pass
+        model(images)
+    assert model.teacher_cache.entries == {}
 
 
 def test_training_with_the_feature_cache_follows_training_without_it() -> None:

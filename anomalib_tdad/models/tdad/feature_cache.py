@@ -25,9 +25,11 @@ def digest(image: torch.Tensor) -> bytes:
 class FeatureCache:
     """The teacher's features of images it has seen, up to ``max_bytes``, for CPU tensors only.
 
-    On a GPU the teacher pass is cheap and memory dear, so GPU tensors pass straight through. Entries are
-    never evicted: once full, further images are computed each time. The entries are not pickled (an
-    exported or deep-copied model starts empty).
+    On a GPU the teacher pass is cheap and memory dear, so GPU tensors pass straight through, and so does
+    everything under autocast (its features have another dtype than a full-precision pass would give).
+    Entries are never evicted: once full, further images are computed each time. Each process of a
+    distributed run has its own cache. The entries are not pickled (an exported or deep-copied model starts
+    empty).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -43,9 +45,13 @@ class FeatureCache:
     def __getstate__(self) -> dict[str, Any]:
         return {"max_bytes": self.max_bytes, "entries": {}, "nbytes": 0}
 
+    def active(self, images: torch.Tensor) -> bool:
+        """Whether ``images`` are cached: CPU tensors outside autocast, with memory allowed for the cache."""
+        return self.max_bytes > 0 and images.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
     def __call__(self, teacher: nn.Module, images: torch.Tensor, store: bool = True) -> Features:
         """``teacher(images)``, reading the images seen before from the cache (and adding new ones if ``store``)."""
-        if self.max_bytes <= 0 or images.device.type != "cpu":
+        if not self.active(images):
             return teacher(images)
         keys = [digest(image) for image in images]
         missing = [index for index, key in enumerate(keys) if key not in self.entries]
@@ -54,7 +60,7 @@ class FeatureCache:
             if store:
                 self._add(keys, computed)
             return computed
-        per_image: list[Features | None] = [self.entries.get(key) for key in keys]
+        per_image: list[Features] = [self.entries.get(key, []) for key in keys]
         if missing:
             computed = teacher(images[missing])
             if store:
@@ -66,6 +72,8 @@ class FeatureCache:
 
     def _add(self, keys: list[bytes], features: Features) -> None:
         for row, key in enumerate(keys):
+            if key in self.entries:  # the same image twice in one batch
+                continue
             entry = [level[row].clone() for level in features]
             size = sum(level.numel() * level.element_size() for level in entry)
             if self.nbytes + size > self.max_bytes:

@@ -93,8 +93,8 @@ class Tdad(AnomalibModule):
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
         check_val_every_n_epoch: Validate (refit the map statistics, score the validation set) every this many
-            epochs and after the last one. It replaces the trainer's setting of the same name (anomalib's
-            rule for ``trainer_arguments``); 1 validates every epoch.
+            epochs and after the last one. Under anomalib's Engine it replaces the trainer's setting of the same
+            name (anomalib's rule for ``trainer_arguments``); 1 validates every epoch.
         check_data: Check every image and mask of the splits a run uses before it starts (see
             :class:`~anomalib_tdad.callbacks.DataCheck`); ``False`` skips the check.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).

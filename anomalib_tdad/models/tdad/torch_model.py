@@ -150,12 +150,16 @@ class TdadModel(nn.Module):
             )
             raise RuntimeError(msg)
         if self.training:
-            teacher = self.teacher_cache(self.teacher, images)
-            if corrupted is not None:
-                teacher = [
-                    torch.cat(pair)
-                    for pair in zip(teacher, self.teacher_cache(self.teacher, corrupted, store=False), strict=True)
-                ]
+            if corrupted is not None and not self.teacher_cache.active(images):  # one teacher pass for both views
+                teacher = self.teacher(torch.cat([images, corrupted]))
+            elif corrupted is not None:
+                clean, changed = (
+                    self.teacher_cache(self.teacher, images),
+                    self.teacher_cache(self.teacher, corrupted, False),
+                )
+                teacher = [torch.cat(pair) for pair in zip(clean, changed, strict=True)]
+            else:
+                teacher = self.teacher_cache(self.teacher, images)
             return teacher, self.student(teacher)
         teacher = self.teacher(images)
         student = self.student(teacher)

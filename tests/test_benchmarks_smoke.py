@@ -485,7 +485,7 @@ def test_speed_measures_tdad_and_the_teacher_with_streaming(tiny_root: Path, tmp
 
 
 def test_speed_times_anomalibs_default_fit_of_a_source_checkout(tiny_root: Path, tmp_path: Path) -> None:
-    """``--fit-data``: the default Engine's fit in a fresh process; it validates only after the last epoch."""
+    """``--fit-data``: the default Engine's fit in a fresh process, validating at the model's cadence."""
     data = {"class_path": "MVTecAD", "init_args": {"root": str(tiny_root), "category": "brick", "num_workers": 0}}
     output = tmp_path / "fit"
     args = ["--fit-data", json.dumps(data), "--fit-epochs", "2", "--fit-versions", str(BENCHMARKS.parent)]
@@ -493,7 +493,7 @@ def test_speed_times_anomalibs_default_fit_of_a_source_checkout(tiny_root: Path,
     fit = pd.read_csv(output / "fit.csv")
     assert fit.source.tolist() == [str(BENCHMARKS.parent)]
     assert fit.epochs.tolist() == [2]
-    assert fit.validations.tolist() == [1]  # every 10 epochs and after the last: the second only
+    assert fit.validations.tolist() == [2]  # the default cadence: every epoch
     assert (fit.s_per_epoch > 0).all()
     assert_report(output / "report.md", ["default Engine, 2 epochs", "speed-up"])
 

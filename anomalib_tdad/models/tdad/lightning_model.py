@@ -94,7 +94,8 @@ class Tdad(AnomalibModule):
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
         check_val_every_n_epoch: Validate (refit the map statistics, score the validation set) every this many
             epochs and after the last one. Under anomalib's Engine it replaces the trainer's setting of the same
-            name (anomalib's rule for ``trainer_arguments``); 1 validates every epoch.
+            name (anomalib's rule for ``trainer_arguments``). anomalib's checkpoint is written after validation,
+            so a cadence above 1 saves training time but leaves a killed run fewer epochs to resume from.
         check_data: Check every image and mask of the splits a run uses before it starts (see
             :class:`~anomalib_tdad.callbacks.DataCheck`); ``False`` skips the check.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
@@ -123,7 +124,7 @@ class Tdad(AnomalibModule):
         teacher_cache_mb: int = 1024,
         learning_rate: float = 0.005,
         default_epochs: int = 40,
-        check_val_every_n_epoch: int = 10,
+        check_val_every_n_epoch: int = 1,
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,

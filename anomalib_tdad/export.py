@@ -95,27 +95,30 @@ def quiet_ignored_scope() -> Iterator[None]:
         nncf_logger.removeFilter(hide)
 
 
+def predict_batch(compiled: Any, batch: ImageBatch) -> ImageBatch:  # noqa: ANN401  # openvino.CompiledModel
+    """``batch`` with the predictions of an exported anomalib model (``compiled``) on its images."""
+    result = compiled(images(batch))
+    outputs = {output.get_any_name(): torch.from_numpy(result[output]) for output in compiled.outputs}
+    size = (batch.image.shape[0], *outputs["anomaly_map"].shape[-2:])
+    return ImageBatch(
+        image=batch.image,
+        gt_label=batch.gt_label,
+        gt_mask=batch.gt_mask,
+        image_path=batch.image_path,
+        pred_score=outputs["pred_score"].reshape(-1),
+        pred_label=outputs["pred_label"].reshape(-1),
+        anomaly_map=outputs["anomaly_map"].reshape(size),
+        pred_mask=outputs["pred_mask"].reshape(size),
+    )
+
+
 def validation_function(metric: Metric) -> Callable[[Any, Iterable[ImageBatch]], float]:
     """NNCF's validation function for ``int8_acq``: ``metric`` (anomalib's, from a fresh state) of the predictions."""
 
     def validate(compiled: Any, batches: Iterable[ImageBatch]) -> float:  # noqa: ANN401  # openvino.CompiledModel
         metric.reset()
         for batch in batches:
-            result = compiled(images(batch))
-            outputs = {output.get_any_name(): torch.from_numpy(result[output]) for output in compiled.outputs}
-            metric.update(
-                ImageBatch(
-                    image=batch.image,
-                    gt_label=batch.gt_label,
-                    gt_mask=batch.gt_mask,
-                    pred_score=outputs["pred_score"].reshape(-1),
-                    pred_label=outputs["pred_label"].reshape(-1),
-                    anomaly_map=outputs["anomaly_map"].reshape(
-                        batch.image.shape[0], *outputs["anomaly_map"].shape[-2:]
-                    ),
-                    pred_mask=outputs["pred_mask"].reshape(batch.image.shape[0], *outputs["pred_mask"].shape[-2:]),
-                )
-            )
+            metric.update(predict_batch(compiled, batch))
         return float(metric.compute())
 
     return validate

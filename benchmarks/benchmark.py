@@ -96,6 +96,8 @@ from anomalib.utils.config import flatten_dict
 from lightning.pytorch import Callback, seed_everything
 from tqdm.auto import tqdm
 
+from anomalib_tdad.export import check_nncf, predict_batch
+
 METRICS = common.METRICS  # anomalib's metric name -> report name
 TYPE_PREFIX = common.TYPE_PREFIX  # results.csv column of one defect type's pixel AUROC
 MODEL_KEYS = {"class_path", "init_args", "label", "max_epochs"}
@@ -103,6 +105,17 @@ DATA_KEYS = {"class_path", "init_args", "label"}
 RESERVED_TRAINER_KEYS = {"accelerator", "devices", "default_root_dir", "callbacks", "check_val_every_n_epoch"}
 DISPLAY_SIZE = 256  # heatmap sheet size without --image-size (anomalib's default input size)
 MEAN_LABEL = "mean over datasets"
+EXPORTS = {"f32": "OpenVINO f32", "int8_ptq": "OpenVINO INT8 (int8_ptq)", "int8_acq": "OpenVINO INT8 (int8_acq)"}
+
+
+def export_column(mode: str, metric: str) -> str:
+    """results.csv column of a metric of the model exported with ``mode`` (a key of :data:`EXPORTS`)."""
+    return f"{EXPORTS[mode]} · {metric}"
+
+
+def change_column(mode: str, metric: str) -> str:
+    """Column of the change of a metric from the f32 IR (without one: the torch model) to ``mode``'s."""
+    return f"{EXPORTS[mode]} change · {metric}"
 
 
 class ConfigError(ValueError):
@@ -289,6 +302,7 @@ class Options:
     limit_test: int = 0
     heatmaps: int = 4
     trainer: dict[str, Any] = field(default_factory=dict)
+    openvino: tuple[str, ...] = ()
 
 
 @dataclass
@@ -395,6 +409,12 @@ class Job:
             row |= {"fit_s": round(fitted - start, 1), "test_s": round(time.perf_counter() - fitted, 1)}
         row |= {label: float(metrics[key]) for key, label in METRICS.items() if key in metrics}
         row |= {f"{TYPE_PREFIX}{kind}": float(metrics[f"pixel_AUROC[{kind}]"]) for kind in types}
+        if self.options.openvino:
+            start = time.perf_counter()
+            for mode in self.options.openvino:
+                scores = openvino_metrics(model, datamodule, mode)
+                row |= {export_column(mode, label): value for label, value in scores.items()}
+            row["openvino_s"] = round(time.perf_counter() - start, 1)
         sheet = None
         if heatmaps and self.options.heatmaps:
             size = self.options.image_size or DISPLAY_SIZE
@@ -403,6 +423,32 @@ class Job:
                 sheet = (names, images, masks, common.predict_maps(model, images))
         del engine, model
         return row, sheet
+
+
+def openvino_metrics(model: AnomalibModule, datamodule: AnomalibDataModule, mode: str) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and PRO of ``model`` exported by anomalib (``model.to_openvino``, ``mode``: ``f32``
+    or an INT8 compression type, calibrated on the datamodule) on the job's test set, as the torch test scores it.
+
+    The test images go to the IR as the datamodule gives them (the exported graph holds the pre-processing), compiled
+    for the CPU in f32 (OpenVINO's default on CPUs with bf16 would be bf16); their masks go through the model's
+    pre-processing transform, as ``engine.test`` transforms them.
+    """
+    import openvino as ov
+    from anomalib.deploy import CompressionType
+
+    compression = None if mode == "f32" else CompressionType(mode)
+    metrics = list(common.make_evaluator().test_metrics)
+    model = model.cpu().eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = model.to_openvino(folder, compression_type=compression, datamodule=datamodule)
+        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for batch in datamodule.test_dataloader():
+            predicted = predict_batch(compiled, batch)  # the IR resizes and normalizes the images itself
+            if model.pre_processor and model.pre_processor.transform:  # the masks as engine.test transforms them
+                _, predicted.gt_mask = model.pre_processor.transform(batch.image, batch.gt_mask)
+            for metric in metrics:
+                metric.update(predicted)
+    return {METRICS[metric.name]: float(metric.compute()) for metric in metrics}
 
 
 class _EpochProgress(Callback):
@@ -439,9 +485,11 @@ def results_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The rows with the union of their columns: fixed ones first, then per-type AUROC, then the flat config."""
     frame = pd.DataFrame(list(rows))
     types = sorted(column for column in frame.columns if column.startswith(TYPE_PREFIX))
+    exports = [column for column in frame.columns if column.startswith(tuple(EXPORTS.values()))]
     config = [column for column in frame.columns if column.startswith(("model.", "data."))]
     head = [*RESULT_COLUMNS[:5], *METRICS.values()]
-    frame = frame.reindex(columns=[*head, *types, *(c for c in RESULT_COLUMNS if c not in head), *config])
+    tail = [c for c in RESULT_COLUMNS if c not in head]
+    frame = frame.reindex(columns=[*head, *types, *exports, *tail, *(["openvino_s"] if exports else []), *config])
     for column in ("seed", "epochs", "train_images", "test_images"):  # integers, blank for a failed job
         frame[column] = frame[column].astype("Int64")
     return frame
@@ -591,6 +639,45 @@ def baseline_table(summary: pd.DataFrame, baseline: str, metrics: Sequence[str])
     return f"## Change against {baseline}\n\nChange of each model's mean against **{baseline}**:\n\n{table}"
 
 
+def add_export_changes(results: pd.DataFrame, modes: Sequence[str]) -> list[str]:
+    """Add each INT8 export's change of every metric against the f32 IR of the same job (or, without an f32
+    export, against the torch model) to ``results``; returns the new columns."""
+    added = []
+    for mode in modes:
+        if mode == "f32":
+            continue
+        for metric in METRICS.values():
+            reference = export_column("f32", metric) if "f32" in modes else metric
+            if export_column(mode, metric) in results and reference in results:
+                results[change_column(mode, metric)] = results[export_column(mode, metric)] - results[reference]
+                added.append(change_column(mode, metric))
+    return added
+
+
+def export_section(summary: pd.DataFrame, modes: Sequence[str], metrics: Sequence[str]) -> str:
+    """Markdown: per dataset and model, the torch model's metrics and each OpenVINO export's, with the change of
+    each INT8 export against the f32 IR (mean over seeds of the per-job change)."""
+    rows = []
+    for _, row in summary[summary.dataset != MEAN_LABEL].iterrows():
+        rows.append([row.dataset, row.model, "torch", *(_cell(row, metric) for metric in metrics)])
+        for mode in modes:
+            cells = []
+            for metric in metrics:
+                cell = _cell(row, export_column(mode, metric))
+                change = f"{change_column(mode, metric)}_mean"
+                if change in row and pd.notna(row[change]):
+                    cell += f" ({row[change]:+.4f})"
+                cells.append(cell)
+            rows.append([row.dataset, row.model, EXPORTS[mode], *cells])
+    reference = "the f32 IR" if "f32" in modes else "the torch model"
+    return (
+        "## Exported to OpenVINO\n\nEach model exported by anomalib after its test (`to_openvino`; INT8: calibrated "
+        "on the datamodule's validation set), compiled for the CPU in f32 and scored on the same test set with the "
+        f"same metrics. In brackets: the change of an INT8 model against {reference} of the same job, mean over "
+        "seeds.\n\n" + common.markdown_table(["dataset", "model", "format", *metrics], rows)
+    )
+
+
 def setup_note(config_path: Path, results: pd.DataFrame, options: Options) -> str:
     """The paragraph on what ran: config, jobs, data, input size, epochs, limits."""
     done = results[results.status == "ok"]
@@ -632,7 +719,9 @@ def write_outputs(
     """``summary.csv``, ``metrics.png``, ``heatmaps.png`` and ``report.md`` from the results."""
     metrics = [m for m in METRICS.values() if m in results and results[m].notna().any()]
     types = [column for column in results.columns if column.startswith(TYPE_PREFIX)]
-    summary = summarize(results, [*metrics, "fit_s", *types])
+    exports = [column for column in results.columns if column.startswith(tuple(EXPORTS.values()))]
+    changes = add_export_changes(results, options.openvino)
+    summary = summarize(results, [*metrics, "fit_s", *types, *exports, *changes])
     summary.to_csv(output / "summary.csv", index=False)
     models = list(dict.fromkeys(summary.model)) if len(summary) else []
     sections = [setup_note(config_path, results, options)]
@@ -652,6 +741,8 @@ def write_outputs(
             "## Pixel AUROC by defect type\n\nEach defect type's test images (its folder) together with the good "
             "ones.\n\n" + "\n\n".join(by_type)
         )
+    if options.openvino and metrics:
+        sections.append(export_section(summary, options.openvino, metrics))
     baseline = config.get("baseline")
     if baseline and metrics:
         sections.append(baseline_table(summary, str(baseline), metrics))
@@ -729,6 +820,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's, from OMP_NUM_THREADS)"
     )
     parser.add_argument(
+        "--openvino",
+        nargs="+",
+        default=[],
+        choices=list(EXPORTS),
+        help="also export each model to OpenVINO after its test and score the IR on the test set: f32, int8_ptq, "
+        "int8_acq (INT8 needs NNCF: pip install '.[int8]')",
+    )
+    parser.add_argument(
         "--heatmaps", type=int, default=4, help="defective images per dataset in heatmaps.png (default 4; 0: none)"
     )
     return parser.parse_args(argv)
@@ -750,8 +849,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print("benchmark: no data at\n  " + "\n  ".join(missing) + "\n(set the roots or pass --root)", file=sys.stderr)
         return 2
+    try:
+        for mode in args.openvino:
+            check_nncf(None if mode == "f32" else mode)
+    except ModuleNotFoundError as error:
+        print(f"benchmark: {error}", file=sys.stderr)
+        return 2
     trainer = config.get("trainer") or {}
-    options = Options(args.image_size, args.max_epochs, args.limit_train, args.limit_test, args.heatmaps, trainer)
+    options = Options(
+        args.image_size,
+        args.max_epochs,
+        args.limit_train,
+        args.limit_test,
+        args.heatmaps,
+        trainer,
+        tuple(args.openvino),
+    )
     jobs = expand_jobs(config, options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{args.config.stem}"
     output = (args.output or common.REPO / "results" / "benchmarks" / stamp).resolve()

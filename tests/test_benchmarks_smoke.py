@@ -133,6 +133,7 @@ def harness_run(harness: ModuleType, tiny_root: Path, tmp_path_factory: pytest.T
     before = anomalib_classes()
     with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
         args = ["--config", str(config), "--image-size", "64", "--heatmaps", "2", "--output", str(folder / "out")]
+        args += ["--openvino", "f32", "int8_ptq"]
         code = harness.main(args)
     return HarnessRun(code, folder / "out", before, anomalib_classes())
 
@@ -154,6 +155,23 @@ def test_harness_writes_a_row_per_job_with_pro_and_per_type_auroc(harness_run: H
     assert summary.model.tolist() == ["TDAD", "PatchCore"] and (summary.runs == 1).all()
     as_run = yaml.safe_load((harness_run.output / "config.yaml").read_text(encoding="utf-8"))
     assert [entry.get("label") for entry in as_run["benchmark"]["model"]["grid"]] == [None, None, "broken"]
+
+
+def test_harness_scores_the_openvino_exports_as_the_torch_model(harness_run: HarnessRun) -> None:
+    """``--openvino f32 int8_ptq``: the f32 IR scores the test set as the torch model does (same maps up to float
+    rounding); the INT8 IR gets its own scores and their change against the f32 IR."""
+    results = pd.read_csv(harness_run.output / "results.csv").set_index("model")
+    summary = pd.read_csv(harness_run.output / "summary.csv").set_index("model")
+    done = results[results.status == "ok"]
+    assert set(done.index) == {"TDAD", "PatchCore"}
+    for metric in METRICS:
+        f32, int8 = f"OpenVINO f32 · {metric}", f"OpenVINO INT8 (int8_ptq) · {metric}"
+        assert_scores(done, [f32, int8])
+        assert (done[f32] - done[metric]).abs().max() <= 1e-3, metric
+        change = summary.loc[list(done.index), f"OpenVINO INT8 (int8_ptq) change · {metric}_mean"]
+        pd.testing.assert_series_equal(change, done[int8] - done[f32], check_names=False)
+    report = (harness_run.output / "report.md").read_text(encoding="utf-8")
+    assert "## Exported to OpenVINO" in report
 
 
 def test_harness_reports_plots_and_draws_heatmaps(harness_run: HarnessRun) -> None:

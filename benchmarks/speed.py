@@ -6,7 +6,8 @@ On the CPU, with the same images, input size and number of threads for every mod
   feature extraction plus coreset selection), no validation;
 - inference images per second in torch eager (the whole anomalib model: pre-processing, network,
   post-processing) and through the model exported with anomalib's ``to_openvino`` (compiled with
-  ``INFERENCE_PRECISION_HINT=f32``; OpenVINO defaults to bf16 on CPUs that have it);
+  ``INFERENCE_PRECISION_HINT=f32``; OpenVINO defaults to bf16 on CPUs that have it), and through its INT8
+  export (``int8_ptq``, calibrated on the validation images; ``--no-int8`` skips it);
 - peak resident memory (RSS) of the process during each phase.
 
 Writes ``speed.csv`` and ``report.md`` with the ratios TDAD / peer and TDAD / teacher-only to ``--output``.
@@ -60,6 +61,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
+from anomalib_tdad.export import check_nncf
+
 MODELS = ["tdad", "patchcore", "patchcore-default-bank", "stfpm"]
 ANOMALIB_CORESET_RATIO = 0.1  # Patchcore's default coreset_sampling_ratio
 DEFAULT_BANK_LABEL = f"PatchCore, bank of ratio {ANOMALIB_CORESET_RATIO} (random)"
@@ -71,16 +74,20 @@ COLUMNS = [
     "train_ms_per_image",
     "eager_images_per_s",
     "openvino_images_per_s",
+    "openvino_int8_images_per_s",
     "train_mem_mb",
     "eager_mem_mb",
     "openvino_mem_mb",
+    "openvino_int8_mem_mb",
     "base_rss_mb",
 ]
 METHOD_NOTE = (
     "Training time is one epoch over the training images without validation (PatchCore: feature extraction plus "
     "coreset selection, which grows with the square of the number of patches). Eager inference times the whole "
     "anomalib model (pre-processing, network, post-processing) in `torch.inference_mode`; OpenVINO times the model "
-    "exported by anomalib's `to_openvino` (the teacher alone: `openvino.convert_model`), compiled in f32. Each "
+    "exported by anomalib's `to_openvino` (the teacher alone: `openvino.convert_model`), compiled in f32; OpenVINO "
+    "INT8 the same model exported with `compression_type=int8_ptq` (the teacher alone: `nncf.quantize`), calibrated "
+    "on the validation images. Each "
     "inference "
     f"speed is the best of {REPEATS} passes over the timed images, the pass least disturbed by other processes. Memory "
     "(`*_mem_mb`) is the process's peak RSS during the phase (Linux's high-water mark, reset at the phase start) "
@@ -227,13 +234,36 @@ def openvino_forward(model: Any, threads: int) -> Callable[[torch.Tensor], Any]:
     return lambda batch: [compiled(chunk.numpy()) for chunk in batch.split(batch_dim.get_length())]
 
 
-def to_openvino(model: nn.Module, folder: str, example: torch.Tensor) -> Any:
-    """The model as OpenVINO sees it: anomalib's own export for anomalib models, else ``convert_model``."""
-    import openvino as ov
+def to_openvino(model: nn.Module, folder: str, example: torch.Tensor, data: common.DataConfig | None = None) -> Any:
+    """The model as OpenVINO sees it: anomalib's own export for anomalib models, else ``convert_model``.
 
+    With ``data``, quantized to INT8 by NNCF: anomalib models through their ``int8_ptq`` export, calibrated on
+    the datamodule's validation images; other modules (the teacher alone) calibrated on those images resized to
+    ``example``'s size.
+    """
+    import openvino as ov
+    from anomalib.deploy import CompressionType
+
+    datamodule = common.make_datamodule(data) if data else None
     if isinstance(model, AnomalibModule):
-        return Path(model.to_openvino(folder, input_size=tuple(example.shape[-2:])))
-    return ov.convert_model(model, example_input=example)
+        compression = CompressionType.INT8_PTQ if data else None
+        return Path(
+            model.to_openvino(
+                folder, input_size=tuple(example.shape[-2:]), compression_type=compression, datamodule=datamodule
+            )
+        )
+    converted = ov.convert_model(model, example_input=example)
+    if datamodule is None:
+        return converted
+    import nncf
+
+    datamodule.setup("fit")
+    size = tuple(example.shape[-2:])
+    images = [
+        F.interpolate(batch.image, size=size, mode="bilinear", align_corners=False).numpy()
+        for batch in datamodule.val_dataloader()
+    ]
+    return nncf.quantize(converted, nncf.Dataset(images))
 
 
 class TeacherOnly(nn.Module):
@@ -463,14 +493,21 @@ def measure(
         row["parts"] = tdad_parts(model, batches)
     row["eager_mem_mb"] = memory.peak - base
     if not args.no_openvino:
+        formats = {"openvino": None, **({"openvino_int8": data} if not args.no_int8 else {})}
         try:
             with tempfile.TemporaryDirectory() as folder:
-                exported = to_openvino(model, folder, batches[0])
+                exported = {
+                    name: to_openvino(model, f"{folder}/{name}", batches[0], calibration)
+                    for name, calibration in formats.items()
+                }
                 del model
-                with PeakRSS() as memory:  # starts after the torch model is freed: counts the compiled model
-                    forward = openvino_forward(exported, args.threads)
-                    row["openvino_images_per_s"] = images_per_second(forward, batches)
-            row["openvino_mem_mb"] = memory.peak - memory.start
+                for name, ir in exported.items():
+                    release_memory()
+                    with PeakRSS() as memory:  # starts after the torch model is freed: counts the compiled model
+                        forward = openvino_forward(ir, args.threads)
+                        row[f"{name}_images_per_s"] = images_per_second(forward, batches)
+                    row[f"{name}_mem_mb"] = memory.peak - memory.start
+                    del forward
         except Exception as error:  # noqa: BLE001 - report the failure, keep the other numbers
             row["error"] = f"OpenVINO: {error!r}"[:300]
     return row
@@ -559,9 +596,11 @@ def ratio_table(rows: pd.DataFrame) -> str:
         "train s/epoch": ("train_s_per_epoch", False),
         "eager time/image": ("eager_images_per_s", True),
         "OpenVINO time/image": ("openvino_images_per_s", True),
+        "OpenVINO INT8 time/image": ("openvino_int8_images_per_s", True),
         "train memory": ("train_mem_mb", False),
         "eager memory": ("eager_mem_mb", False),
         "OpenVINO memory": ("openvino_mem_mb", False),
+        "OpenVINO INT8 memory": ("openvino_int8_mem_mb", False),
     }
     table = rows.set_index("model")
     if "TDAD" not in table.index:
@@ -579,6 +618,23 @@ def ratio_table(rows: pd.DataFrame) -> str:
             cells.append("—" if pd.isna(value) else f"{value:.2f}×")
         out.append([f"TDAD / {peer}", *cells])
     return common.markdown_table(["ratio", *quantities], out)
+
+
+def int8_section(rows: pd.DataFrame) -> str:
+    """Markdown: each model's INT8 IR throughput over its f32 IR's (> 1: INT8 is faster); empty without INT8."""
+    if "openvino_int8_images_per_s" not in rows or rows.openvino_int8_images_per_s.isna().all():
+        return ""
+    cells = [
+        [row.model, f"{row.openvino_int8_images_per_s / row.openvino_images_per_s:.2f}×"]
+        for _, row in rows.iterrows()
+        if pd.notna(row.openvino_int8_images_per_s) and pd.notna(row.openvino_images_per_s)
+    ]
+    return (
+        "## OpenVINO INT8 against f32\n\nImages per second of each model's INT8 IR (NNCF post-training "
+        "quantization; TDAD: its map head kept in float32) over its f32 IR's, both compiled with "
+        "`INFERENCE_PRECISION_HINT=f32` (the precision of the ops left in float).\n\n"
+        + common.markdown_table(["model", "INT8 speed-up"], cells)
+    )
 
 
 def measure_size(args: argparse.Namespace, output: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -624,6 +680,7 @@ def measure_size(args: argparse.Namespace, output: Path) -> tuple[pd.DataFrame, 
         + common.markdown_table(["model", *COLUMNS], cells),
         METHOD_NOTE,
         "## Ratios (TDAD cost ÷ peer cost; > 1 means TDAD costs more)\n\n" + ratio_table(results),
+        int8_section(results),
         *(parts_section(row["parts"]) for row in rows if "parts" in row),
     ]
     if args.stream_images and args.image_size == args.stream_size:
@@ -633,7 +690,7 @@ def measure_size(args: argparse.Namespace, output: Path) -> tuple[pd.DataFrame, 
         sections.append(
             "**Failures:**\n\n" + common.markdown_table(["model", "error"], failed[["model", "error"]].to_numpy())
         )
-    return results, sections
+    return results, [section for section in sections if section]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -658,7 +715,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--coreset-ratio", type=float, default=0.001, help="PatchCore coreset sampling ratio (see benchmarks/README.md)"
     )
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, help="models besides the teacher alone")
-    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO export and timing")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO exports and timing")
+    parser.add_argument(
+        "--no-int8", action="store_true", help="skip the INT8 OpenVINO export (NNCF: pip install '.[int8]')"
+    )
     parser.add_argument(
         "--stream-images",
         type=int,
@@ -692,6 +752,12 @@ def main(argv: list[str] | None = None) -> int:
         common.write_report(output / "report.md", title, fit_versions(args, output))
         print(f"Wrote {output / 'report.md'}")
         return 1 if "error" in pd.read_csv(output / "fit.csv") else 0
+    if not (args.no_openvino or args.no_int8):
+        try:
+            check_nncf("int8_ptq")
+        except ModuleNotFoundError as error:
+            print(f"speed: {error} (or pass --no-int8)", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     tables, sections = [], []
     for size in args.image_size:

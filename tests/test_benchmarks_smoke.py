@@ -518,10 +518,11 @@ def test_speed_times_anomalibs_default_fit_of_a_source_checkout(tiny_root: Path,
 
 @pytest.mark.slow
 def test_speed_times_the_openvino_exports(tiny_root: Path, tmp_path: Path) -> None:
-    """The OpenVINO exports alone take about half a minute on 2 cores."""
+    """The OpenVINO exports (f32 and INT8) alone take about a minute on 2 cores."""
     speed = run_speed(tiny_root, tmp_path / "speed")
-    for column in ["openvino_images_per_s", "openvino_mem_mb"]:
+    for column in ["openvino_images_per_s", "openvino_mem_mb", "openvino_int8_images_per_s", "openvino_int8_mem_mb"]:
         assert (speed[column] > 0).all(), column
+    assert_report(tmp_path / "speed" / "report.md", ["OpenVINO INT8 against f32", "INT8 speed-up"])
 
 
 def test_speed_random_bank_patchcore_overrides_fit_in_a_subclass(common: ModuleType) -> None:

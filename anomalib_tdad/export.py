@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 logger = logging.getLogger(__name__)
 
+ONNX_OPSET = 18  # what torch's exporter writes for TDAD (see Tdad.to_onnx)
 NNCF_COMPRESSION = frozenset({CompressionType.INT8, CompressionType.INT8_PTQ, CompressionType.INT8_ACQ})
 QUANTIZATION = frozenset({CompressionType.INT8_PTQ, CompressionType.INT8_ACQ})
 

@@ -257,6 +257,16 @@ class Tdad(AnomalibModule):
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
 
+    def to_onnx(self, *args, **kwargs) -> Path:
+        """anomalib's ONNX export (same arguments) at ONNX opset 18 unless ``opset_version`` is given.
+
+        anomalib asks for opset 14; torch's exporter writes 18 and its conversion down to 14 fails on the
+        teacher's TF-"same" padding (``Pad``), printing a traceback and keeping 18. Asking for 18 gives the same
+        graph without the failed conversion.
+        """
+        kwargs.setdefault("opset_version", export.ONNX_OPSET)
+        return super().to_onnx(*args, **kwargs)
+
     def to_openvino(self, *args, **kwargs) -> Path:
         """anomalib's OpenVINO export (same arguments); ``int8_ptq``/``int8_acq`` keep the map head in float."""
         return export.to_openvino(super().to_openvino, *args, **kwargs)

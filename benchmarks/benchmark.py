@@ -303,6 +303,7 @@ class Options:
     heatmaps: int = 4
     trainer: dict[str, Any] = field(default_factory=dict)
     openvino: tuple[str, ...] = ()
+    track_every: int = 0
 
 
 @dataclass
@@ -338,19 +339,19 @@ class Job:
         datamodule = get_datamodule(copy.deepcopy(entry))
         return common.limit_datamodule(datamodule, self.options.limit_train, self.options.limit_test)
 
-    def model(self, defect_types: Sequence[str]) -> AnomalibModule:
+    def model(self, defect_types: Sequence[str], **overrides: Any) -> AnomalibModule:
         """The model of the job, with the benchmark's evaluator and post-processor (and pre-processor when
-        ``--image-size`` is set)."""
+        ``--image-size`` is set); ``overrides`` replace init_args."""
         entry = self.container["model"]
         cls = model_class(str(entry["class_path"]))
-        kwargs = copy.deepcopy(entry.get("init_args") or {})
+        kwargs = copy.deepcopy(entry.get("init_args") or {}) | overrides
         if self.options.image_size:
             size = (self.options.image_size, self.options.image_size)
             kwargs["pre_processor"] = cls.configure_pre_processor(image_size=size)
         return cls(
             **kwargs,
             post_processor=common.MinMaxPostProcessor(),
-            evaluator=common.make_evaluator(defect_types),
+            evaluator=common.make_evaluator(defect_types, validation=bool(self.options.track_every)),
             visualizer=False,
         )
 
@@ -375,6 +376,17 @@ class Job:
         )
         raise ValueError(msg)
 
+    def cadence(self, epochs: int) -> int:
+        """Epochs between validations: all of them (validate once, after the last), or ``--track-every`` for a
+        model that trains more than one epoch (it must divide the epochs: the last one fits the post-processor)."""
+        every = self.options.track_every
+        if not every or epochs == 1:
+            return epochs
+        if epochs % every:
+            msg = f"{self.label}: --track-every {every} does not divide its {epochs} epochs."
+            raise ValueError(msg)
+        return every
+
     def run(self, callbacks: Sequence[Callback] = (), heatmaps: bool = False) -> tuple[dict[str, Any], Any]:
         """Fit and test; returns the results row and, with ``heatmaps``, ``(names, images, masks, maps)`` of a
         few defective test images (else None). Exceptions propagate (:func:`run_jobs` records them)."""
@@ -384,6 +396,11 @@ class Job:
         types = common.defect_types(datamodule.test_data)
         model = self.model(types)
         epochs = self.epochs(model)
+        cadence = self.cadence(epochs)
+        if model.trainer_arguments.get("check_val_every_n_epoch", cadence) != cadence:
+            # The model sets its own cadence (TDAD's check_val_every_n_epoch), which wins over the Engine's.
+            seed_everything(self.seed, workers=True)
+            model = self.model(types, check_val_every_n_epoch=cadence)
         row |= {
             "epochs": epochs,
             "image_size": self.options.image_size or "default",
@@ -396,7 +413,7 @@ class Job:
             engine = Engine(
                 **{"num_sanity_val_steps": 0, **quiet, **trainer},
                 max_epochs=epochs,
-                check_val_every_n_epoch=epochs,  # validate once, after the last epoch
+                check_val_every_n_epoch=cadence,  # once, after the last epoch, unless tracked
                 accelerator=self.accelerator,
                 devices=1,
                 default_root_dir=workdir,
@@ -437,7 +454,7 @@ def openvino_metrics(model: AnomalibModule, datamodule: AnomalibDataModule, mode
     from anomalib.deploy import CompressionType
 
     compression = None if mode == "f32" else CompressionType(mode)
-    metrics = list(common.make_evaluator().test_metrics)
+    metrics = common.main_metrics()
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as folder:
         path = model.to_openvino(folder, compression_type=compression, datamodule=datamodule)
@@ -463,6 +480,19 @@ class _EpochProgress(Callback):
         self.bar.set_postfix_str(
             f"{job.label} · {job.dataset} · seed {job.seed} · epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
         )
+
+
+class Curve(Callback):
+    """The main validation metrics after each validation of a job (``--track-every``): rows of ``curve.csv``."""
+
+    def __init__(self, job: Job, rows: list[dict[str, Any]]) -> None:
+        self.job, self.rows = job, rows
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        del pl_module
+        logged = trainer.callback_metrics
+        scores = {label: float(logged[key]) for key, label in METRICS.items() if key in logged}
+        self.rows.append({**self.job.describe(), "epoch": trainer.current_epoch + 1, **scores})
 
 
 def expand_jobs(config: dict[str, Any], options: Options) -> list[Job]:
@@ -529,12 +559,14 @@ class Heatmaps:
         return True
 
 
-def run_jobs(jobs: Sequence[Job], output: Path) -> tuple[pd.DataFrame, Heatmaps]:
-    """Run ``jobs`` in order under one progress bar; ``output/results.csv`` is rewritten after each job.
+def run_jobs(jobs: Sequence[Job], output: Path) -> tuple[pd.DataFrame, Heatmaps, pd.DataFrame]:
+    """Run ``jobs`` in order under one progress bar; ``output/results.csv`` (and with ``--track-every``
+    ``curve.csv``, the validation metrics by epoch) is rewritten after each job.
 
     A job that raises becomes a row with status ``failed`` and its error; the others still run.
     """
     rows: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
     heatmaps = Heatmaps()
     with tqdm(total=len(jobs), desc="benchmark", unit="job", dynamic_ncols=True) as bar:
         for job in jobs:
@@ -546,7 +578,8 @@ def run_jobs(jobs: Sequence[Job], output: Path) -> tuple[pd.DataFrame, Heatmaps]
             }  # the job's config columns, as anomalib's result rows have them
             try:
                 wanted = heatmaps.wants(job)
-                row, sheet = job.run(callbacks=[_EpochProgress(bar, job)], heatmaps=wanted)
+                tracking = [Curve(job, curve)] if job.options.track_every else []
+                row, sheet = job.run(callbacks=[_EpochProgress(bar, job), *tracking], heatmaps=wanted)
                 row["status"] = "ok"
                 if sheet is not None:
                     heatmaps.add(job, sheet)
@@ -558,8 +591,10 @@ def run_jobs(jobs: Sequence[Job], output: Path) -> tuple[pd.DataFrame, Heatmaps]
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             results_table(rows).to_csv(output / "results.csv", index=False)
+            if curve:
+                pd.DataFrame(curve).to_csv(output / "curve.csv", index=False)
             bar.update()
-    return results_table(rows), heatmaps
+    return results_table(rows), heatmaps, pd.DataFrame(curve)
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -678,6 +713,34 @@ def export_section(summary: pd.DataFrame, modes: Sequence[str], metrics: Sequenc
     )
 
 
+def curve_section(curve: pd.DataFrame, path: Path) -> str:
+    """Markdown and ``path`` (a plot): the validation metrics by epoch, mean over seeds, per dataset and model."""
+    metrics = [metric for metric in METRICS.values() if metric in curve]
+    mean = curve.groupby(["dataset", "model", "epoch"], sort=False)[metrics].mean().reset_index()
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for (dataset, model), group in mean.groupby(["dataset", "model"], sort=False):
+            ax.plot(group.epoch, group[metric], marker="o", label=f"{model} · {dataset}")
+        ax.set(title=metric, xlabel="epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    rows = [
+        [row.dataset, row.model, int(row.epoch), *(f"{row[metric]:.3f}" for metric in metrics)]
+        for _, row in mean.iterrows()
+    ]
+    return (
+        "## Validation metrics by epoch\n\n`--track-every`: the validation set's metrics after every validation, "
+        "mean over seeds (anomalib's Kolektor and MVTecAD validate on their test set by default). The extra "
+        "validations are in `fit seconds`; they do not change training (a job's epochs are seeded).\n\n"
+        + common.markdown_table(["dataset", "model", "epoch", *metrics], rows)
+        + f"\n\n![curve]({path.name})"
+    )
+
+
 def setup_note(config_path: Path, results: pd.DataFrame, options: Options) -> str:
     """The paragraph on what ran: config, jobs, data, input size, epochs, limits."""
     done = results[results.status == "ok"]
@@ -715,8 +778,10 @@ def write_outputs(
     heatmaps: Heatmaps,
     options: Options,
     command: Sequence[str],
+    curve: pd.DataFrame | None = None,
 ) -> None:
-    """``summary.csv``, ``metrics.png``, ``heatmaps.png`` and ``report.md`` from the results."""
+    """``summary.csv``, ``metrics.png``, ``heatmaps.png`` and ``report.md`` from the results (and ``curve.png``
+    from the validation metrics by epoch, with ``--track-every``)."""
     metrics = [m for m in METRICS.values() if m in results and results[m].notna().any()]
     types = [column for column in results.columns if column.startswith(TYPE_PREFIX)]
     exports = [column for column in results.columns if column.startswith(tuple(EXPORTS.values()))]
@@ -743,6 +808,8 @@ def write_outputs(
         )
     if options.openvino and metrics:
         sections.append(export_section(summary, options.openvino, metrics))
+    if curve is not None and len(curve):
+        sections.append(curve_section(curve, output / "curve.png"))
     baseline = config.get("baseline")
     if baseline and metrics:
         sections.append(baseline_table(summary, str(baseline), metrics))
@@ -828,6 +895,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "int8_acq (INT8 needs NNCF: pip install '.[int8]')",
     )
     parser.add_argument(
+        "--track-every",
+        type=int,
+        default=0,
+        help="validate trained models every N epochs (N must divide their epochs) and report the validation "
+        "metrics by epoch: curve.csv, curve.png (default 0: validate once, after the last epoch)",
+    )
+    parser.add_argument(
         "--heatmaps", type=int, default=4, help="defective images per dataset in heatmaps.png (default 4; 0: none)"
     )
     return parser.parse_args(argv)
@@ -864,6 +938,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.heatmaps,
         trainer,
         tuple(args.openvino),
+        args.track_every,
     )
     jobs = expand_jobs(config, options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{args.config.stem}"
@@ -871,9 +946,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
-    results, heatmaps = run_jobs(jobs, output)
+    results, heatmaps, curve = run_jobs(jobs, output)
     command = [str(Path(__file__).resolve().relative_to(common.REPO)), *argv]
-    write_outputs(output, config, args.config, results, heatmaps, options, command)
+    write_outputs(output, config, args.config, results, heatmaps, options, command, curve)
     failed = int((results.status != "ok").sum())
     print(f"Wrote {output / 'report.md'}" + (f"; {failed} of {len(results)} job(s) FAILED" if failed else ""))
     return 1 if failed else 0

@@ -132,16 +132,21 @@ class DefectTypeAUROC(AUROC):
         super().update(SimpleNamespace(**fields), *args, **kwargs)
 
 
-def make_evaluator(types: Sequence[str] = ()) -> Evaluator:
-    """Test metrics of every benchmark: image AUROC, pixel AUROC, PRO (anomalib's AUPRO, FPR limit 0.3), and
-    the pixel AUROC of each of ``types`` (:class:`DefectTypeAUROC`)."""
+def main_metrics() -> list[AUROC | AUPRO]:
+    """Image AUROC, pixel AUROC and PRO (anomalib's AUPRO, FPR limit 0.3), fresh."""
+    return [
+        AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+        AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
+    ]
+
+
+def make_evaluator(types: Sequence[str] = (), validation: bool = False) -> Evaluator:
+    """Test metrics of every benchmark: :func:`main_metrics` and the pixel AUROC of each of ``types``
+    (:class:`DefectTypeAUROC`); with ``validation``, the main metrics on the validation set too."""
     return Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
-            *(DefectTypeAUROC(kind, strict=False) for kind in types),
-        ],
+        val_metrics=main_metrics() if validation else None,
+        test_metrics=[*main_metrics(), *(DefectTypeAUROC(kind, strict=False) for kind in types)],
     )
 
 

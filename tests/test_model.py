@@ -460,6 +460,58 @@ def test_the_teacher_feature_cache_skips_seen_images_and_changes_no_feature() ->
     assert model.teacher_cache.entries == {}
 
 
+def test_map_statistics_from_cached_features_equal_those_from_the_images() -> None:
+    model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, teacher_cache_mb=64).train()
+    images = torch.randn(6, 3, 64, 64)
+    model(images[:4])
+    model(images[4:])  # the training epoch: every image stored once
+    model.fit_statistics(images.split(4))
+    expected = [moments.std.clone() for moments in model.anomaly_map_generator.statistics.levels]
+    model.fit_statistics(model.teacher_cache.batches(4))
+    for moments, std in zip(model.anomaly_map_generator.statistics.levels, expected, strict=True):
+        torch.testing.assert_close(moments.std, std)
+    assert not model.teacher_cache.full
+    tiny = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, teacher_cache_mb=1).train()
+    many = torch.randn(12, 3, 64, 64)  # 112 KiB of features each
+    tiny(many)  # 1 MiB holds 9: the cache says it left images out
+    assert tiny.teacher_cache.full and 0 < len(tiny.teacher_cache) < len(many)
+
+
+def test_the_statistics_refit_reads_the_cache_once_it_holds_the_training_set(
+    tiny_root, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an epoch has stored every training image, the refit loads no image and runs no teacher pass."""
+    refit: list[str] = []  # what the statistics refit before validation loaded or computed
+
+    class WatchRefit(Callback):  # its hooks run before the model's on_validation_start, which refits
+        def on_validation_start(self, trainer: Trainer, pl_module: Tdad) -> None:
+            refit[:] = ["start"]
+
+        def on_validation_batch_start(self, trainer: Trainer, pl_module: Tdad, *args: Any) -> None:
+            refit.append("end")
+
+    def watching(record: str) -> Any:
+        return lambda *args: refit.append(record) if refit and refit[-1] != "end" else None
+
+    datamodule = tiny_datamodule(tiny_root, batch_size=4)
+    datamodule.setup("fit")
+    get_item = type(datamodule.train_data).__getitem__
+    monkeypatch.setattr(
+        type(datamodule.train_data),
+        "__getitem__",
+        lambda self, index: (watching("image")() if self is datamodule.train_data else None) or get_item(self, index),
+    )
+    for cache_mb, expected in [(64, ["start", "end"]), (0, ["start", *["image"] * 16, *["teacher"] * 4, "end"])]:
+        model = untrained_tdad(
+            pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)), teacher_cache_mb=cache_mb
+        )
+        model.model.teacher.register_forward_hook(watching("teacher"))
+        engine = quiet_engine(tmp_path, max_epochs=1, limit_val_batches=1, callbacks=[WatchRefit()])
+        engine.fit(model, datamodule=datamodule)
+        assert sorted(refit[: refit.index("end") + 1]) == sorted(expected), cache_mb
+        assert model.model.teacher_cache.entries == {}  # freed after fitting
+
+
 def test_training_with_the_feature_cache_follows_training_without_it() -> None:
     images = torch.randn(4, 3, 64, 64)
 

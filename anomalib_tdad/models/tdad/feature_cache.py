@@ -7,6 +7,7 @@ digest of its bytes, so an augmented or otherwise changed image simply misses; n
 """
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,14 +37,26 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self.entries: dict[bytes, Features] = {}
         self.nbytes = 0
+        self.full = False  # an image was left out for want of memory
 
     def clear(self) -> None:
         """Forget every entry (the teacher's weights changed, or fitting is over)."""
         self.entries.clear()
         self.nbytes = 0
+        self.full = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_bytes": self.max_bytes, "entries": {}, "nbytes": 0}
+        return {"max_bytes": self.max_bytes, "entries": {}, "nbytes": 0, "full": False}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def batches(self, size: int) -> Iterator[Features]:
+        """Every entry, in the order stored, as batches of ``size`` (each level stacked)."""
+        entries = list(self.entries.values())
+        for start in range(0, len(entries), size):
+            chunk = entries[start : start + size]
+            yield [torch.stack([features[level] for features in chunk]) for level in range(len(chunk[0]))]
 
     def active(self, images: torch.Tensor) -> bool:
         """Whether ``images`` are cached: CPU tensors outside autocast, with memory allowed for the cache."""
@@ -77,6 +90,7 @@ class FeatureCache:
             entry = [level[row].clone() for level in features]
             size = sum(level.numel() * level.element_size() for level in entry)
             if self.nbytes + size > self.max_bytes:
+                self.full = True
                 return
             self.entries[key] = entry
             self.nbytes += size

@@ -230,6 +230,18 @@ class Tdad(AnomalibModule):
             images = batch.image.to(self.device)
             yield transform(images) if transform else images
 
+    def _cached_training_features(self) -> Iterator[list[torch.Tensor]] | None:
+        """The training images' teacher features from the cache when it holds each training image exactly once
+        (one process, whole epochs, nothing left out, images unchanged between epochs), else None.
+
+        A statistics refit from them needs no loading, decoding or teacher pass: only the student's.
+        """
+        cache, loader, trainer = self.model.teacher_cache, self.trainer.train_dataloader, self.trainer
+        whole = trainer.limit_train_batches == 1.0 and trainer.world_size == 1 and not cache.full
+        if not whole or not hasattr(loader, "dataset") or len(cache) != len(loader.dataset):
+            return None
+        return cache.batches(loader.batch_size or 1)
+
     def fit_map_statistics(self) -> None:
         """Fit the map statistics of the current student on the training images, unless already current."""
         if not self.model.anomaly_map_generator.standardize or self.trainer.train_dataloader is None:
@@ -237,7 +249,7 @@ class Tdad(AnomalibModule):
         if self._statistics_step != self.global_step:
             distributed = self.trainer.world_size > 1
             reduce = partial(self.trainer.strategy.reduce, reduce_op="sum") if distributed else None
-            self.model.fit_statistics(self._training_images(), reduce)
+            self.model.fit_statistics(self._cached_training_features() or self._training_images(), reduce)
             self._statistics_step = self.global_step
 
     def on_validation_start(self) -> None:

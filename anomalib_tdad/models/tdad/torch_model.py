@@ -108,8 +108,11 @@ class TdadModel(nn.Module):
             raise ValueError(msg)
 
     @torch.no_grad()
-    def fit_statistics(self, batches: Iterable[torch.Tensor], reduce: Reduce | None = None) -> None:
-        """Fit the per-level map statistics on batches of normal, normalized images (one eval pass).
+    def fit_statistics(
+        self, batches: Iterable[torch.Tensor] | Iterable[list[torch.Tensor]], reduce: Reduce | None = None
+    ) -> None:
+        """Fit the per-level map statistics on batches of normal, normalized images (one eval pass), or on
+        batches of their teacher features (lists of levels, finest first, e.g. ``teacher_cache.batches``).
 
         ``reduce`` adds up the sums of the processes of a distributed run.
         """
@@ -119,14 +122,14 @@ class TdadModel(nn.Module):
         squares: list[torch.Tensor] = []
         count = torch.zeros((), dtype=torch.float64)
         try:
-            for images in batches:
-                teacher = self.teacher_cache(self.teacher, images)
+            for batch in batches:
+                teacher = batch if isinstance(batch, list) else self.teacher_cache(self.teacher, batch)
                 distances = [d.double() for d in level_distances(teacher, self.student(teacher))]
                 batch_sums = [d.sum(dim=(0, 1)) for d in distances]
                 batch_squares = [(d**2).sum(dim=(0, 1)) for d in distances]
                 sums = [a + b for a, b in zip(sums, batch_sums, strict=True)] if sums else batch_sums
                 squares = [a + b for a, b in zip(squares, batch_squares, strict=True)] if squares else batch_squares
-                count = count.to(images.device) + images.shape[0]
+                count = count.to(teacher[0].device) + teacher[0].shape[0]
         finally:
             self.train(training)
         if reduce is not None:

@@ -480,35 +480,42 @@ def test_map_statistics_from_cached_features_equal_those_from_the_images() -> No
 def test_the_statistics_refit_reads_the_cache_once_it_holds_the_training_set(
     tiny_root, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After an epoch has stored every training image, the refit loads no image and runs no teacher pass."""
-    refit: list[str] = []  # what the statistics refit before validation loaded or computed
+    """Once an epoch has added nothing to the cache, the refit loads no image and runs no teacher pass."""
+    refits: list[list[str]] = []  # per validation: what its statistics refit loaded or computed
+    inside = [False]
 
     class WatchRefit(Callback):  # its hooks run before the model's on_validation_start, which refits
         def on_validation_start(self, trainer: Trainer, pl_module: Tdad) -> None:
-            refit[:] = ["start"]
+            refits.append([])
+            inside[0] = True
 
         def on_validation_batch_start(self, trainer: Trainer, pl_module: Tdad, *args: Any) -> None:
-            refit.append("end")
+            inside[0] = False
 
-    def watching(record: str) -> Any:
-        return lambda *args: refit.append(record) if refit and refit[-1] != "end" else None
+    def watch(record: str) -> None:
+        if inside[0]:
+            refits[-1].append(record)
 
     datamodule = tiny_datamodule(tiny_root, batch_size=4)
     datamodule.setup("fit")
     get_item = type(datamodule.train_data).__getitem__
-    monkeypatch.setattr(
-        type(datamodule.train_data),
-        "__getitem__",
-        lambda self, index: (watching("image")() if self is datamodule.train_data else None) or get_item(self, index),
-    )
-    for cache_mb, expected in [(64, ["start", "end"]), (0, ["start", *["image"] * 16, *["teacher"] * 4, "end"])]:
+
+    def watched_get_item(dataset: Any, index: int) -> Any:
+        if dataset is datamodule.train_data:
+            watch("image")
+        return get_item(dataset, index)
+
+    monkeypatch.setattr(type(datamodule.train_data), "__getitem__", watched_get_item)
+    loaded = ["image"] * 16  # a pass over the 16 training images
+    for cache_mb, expected in [(64, [loaded, []]), (0, [loaded + ["teacher"] * 4] * 2)]:
+        refits.clear()
         model = untrained_tdad(
             pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)), teacher_cache_mb=cache_mb
         )
-        model.model.teacher.register_forward_hook(watching("teacher"))
-        engine = quiet_engine(tmp_path, max_epochs=1, limit_val_batches=1, callbacks=[WatchRefit()])
+        model.model.teacher.register_forward_hook(lambda *args: watch("teacher"))
+        engine = quiet_engine(tmp_path, max_epochs=2, limit_val_batches=1, callbacks=[WatchRefit()])
         engine.fit(model, datamodule=datamodule)
-        assert sorted(refit[: refit.index("end") + 1]) == sorted(expected), cache_mb
+        assert [sorted(refit) for refit in refits] == expected, cache_mb  # first epoch: the cache was filling
         assert model.model.teacher_cache.entries == {}  # freed after fitting
 
 

@@ -38,15 +38,17 @@ class FeatureCache:
         self.entries: dict[bytes, Features] = {}
         self.nbytes = 0
         self.full = False  # an image was left out for want of memory
+        self.version = 0  # changes with every entry added and every clear
 
     def clear(self) -> None:
         """Forget every entry (the teacher's weights changed, or fitting is over)."""
         self.entries.clear()
         self.nbytes = 0
         self.full = False
+        self.version += 1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_bytes": self.max_bytes, "entries": {}, "nbytes": 0, "full": False}
+        return {"max_bytes": self.max_bytes, "entries": {}, "nbytes": 0, "full": False, "version": 0}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -94,3 +96,4 @@ class FeatureCache:
                 return
             self.entries[key] = entry
             self.nbytes += size
+            self.version += 1

@@ -165,6 +165,7 @@ class Tdad(AnomalibModule):
         self.check_val_every_n_epoch = check_val_every_n_epoch
         self.check_data = check_data
         self._statistics_step = -1  # global step at which the map statistics were last fitted
+        self._cache_version = -1  # the teacher cache's version when the current training epoch began
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam on the student only; the teacher is frozen."""
@@ -230,17 +231,23 @@ class Tdad(AnomalibModule):
             images = batch.image.to(self.device)
             yield transform(images) if transform else images
 
-    def _cached_training_features(self) -> Iterator[list[torch.Tensor]] | None:
-        """The training images' teacher features from the cache when it holds each training image exactly once
-        (one process, whole epochs, nothing left out, images unchanged between epochs), else None.
+    def on_train_epoch_start(self) -> None:
+        """Note the cache's state: an epoch that adds nothing to it has shown it every training image before."""
+        self._cache_version = self.model.teacher_cache.version
 
-        A statistics refit from them needs no loading, decoding or teacher pass: only the student's.
+    def _cached_training_features(self) -> Iterator[list[torch.Tensor]] | None:
+        """The training images' teacher features from the cache when it holds all of them, else None.
+
+        It does when a whole epoch in one process added no entry and none was left out for want of memory: every
+        training image was already in it (so not after the first epoch, nor with augmentations that change the
+        images every epoch). Identical images count once. A statistics refit from these features loads, decodes
+        and resizes no image and runs no teacher pass, only the student's.
         """
-        cache, loader, trainer = self.model.teacher_cache, self.trainer.train_dataloader, self.trainer
+        cache, trainer = self.model.teacher_cache, self.trainer
         whole = trainer.limit_train_batches == 1.0 and trainer.world_size == 1 and not cache.full
-        if not whole or not hasattr(loader, "dataset") or len(cache) != len(loader.dataset):
+        if not whole or not len(cache) or cache.version != self._cache_version:
             return None
-        return cache.batches(loader.batch_size or 1)
+        return cache.batches(getattr(trainer.train_dataloader, "batch_size", None) or 1)
 
     def fit_map_statistics(self) -> None:
         """Fit the map statistics of the current student on the training images, unless already current."""

@@ -26,6 +26,7 @@ from anomalib.data import AnomalibDataModule, ImageBatch
 from anomalib.deploy import CompressionType
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
+from torchvision.transforms.v2.functional import resize
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +60,39 @@ def map_head(model: Any) -> list[str]:  # noqa: ANN401  # openvino.Model (openvi
     return sorted(head)
 
 
-def images(batch: ImageBatch) -> Any:  # noqa: ANN401  # numpy array
-    """A batch's images as the exported model takes them."""
-    return batch.image.numpy()
+def static_size(model: Any) -> tuple[int, int] | None:  # noqa: ANN401  # openvino.Model or CompiledModel
+    """The input height and width an exported model was fixed to (``input_size`` at export), else None."""
+    shape = model.inputs[0].get_partial_shape()
+    if shape.rank.is_dynamic or not (shape[2].is_static and shape[3].is_static):
+        return None
+    return shape[2].get_length(), shape[3].get_length()
+
+
+def images(batch: ImageBatch, size: tuple[int, int] | None = None) -> Any:  # noqa: ANN401  # numpy array
+    """A batch's images as the exported model takes them: resized to ``size`` (a fixed input size) first, as the
+    model's pre-processor would resize them, since such a graph refuses any other."""
+    image = batch.image
+    if size is not None and tuple(image.shape[-2:]) != size:
+        image = resize(image, list(size), antialias=True)
+    return image.numpy()
 
 
 class CalibrationImages:
-    """A dataloader's images one by one, ``(1, 3, H, W)`` arrays: NNCF counts samples (``subset_size``) in images."""
+    """A dataloader's images one by one, ``(1, 3, H, W)`` arrays: NNCF counts samples (``subset_size``) in images.
 
-    def __init__(self, dataloader: DataLoader) -> None:
+    ``size``: the model's fixed input size, if any (see :func:`images`).
+    """
+
+    def __init__(self, dataloader: DataLoader, size: tuple[int, int] | None = None) -> None:
         self.dataloader = dataloader
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.dataloader.dataset)
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.dataloader:
-            yield from images(batch)[:, None]
+            yield from images(batch, self.size)[:, None]
 
 
 class HideIgnoredScope(logging.Filter):
@@ -98,7 +115,7 @@ def quiet_ignored_scope() -> Iterator[None]:
 
 def predict_batch(compiled: Any, batch: ImageBatch) -> ImageBatch:  # noqa: ANN401  # openvino.CompiledModel
     """``batch`` with the predictions of an exported anomalib model (``compiled``) on its images."""
-    result = compiled(images(batch))
+    result = compiled(images(batch, static_size(compiled)))
     outputs = {output.get_any_name(): torch.from_numpy(result[output]) for output in compiled.outputs}
     size = (batch.image.shape[0], *outputs["anomaly_map"].shape[-2:])
     return ImageBatch(
@@ -144,7 +161,7 @@ def quantize(
     datamodule.setup("fit")
     if model.input(0).partial_shape[0].is_static:
         datamodule.eval_batch_size = model.input(0).shape[0]
-    calibration = nncf.Dataset(CalibrationImages(datamodule.val_dataloader()))
+    calibration = nncf.Dataset(CalibrationImages(datamodule.val_dataloader(), static_size(model)))
     head = map_head(model)
     logger.info("INT8 (%s): %d ops of the anomaly-map head stay in float32.", compression_type.value, len(head))
     ignored = nncf.IgnoredScope(names=head)

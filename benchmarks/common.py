@@ -41,6 +41,7 @@ from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.models import AnomalibModule, Padim, Patchcore, Stfpm
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch.trainer.states import TrainerFn
+from torchvision.transforms.v2 import Resize
 
 from anomalib_tdad import Tdad
 from anomalib_tdad.models.tdad.teacher import select_layers
@@ -259,11 +260,12 @@ def _per_label_subset(labels: np.ndarray, limit: int, rng: np.random.Generator) 
     return sorted(chosen)
 
 
-def make_datamodule(data: DataConfig) -> MVTecAD:
+def make_datamodule(data: DataConfig, val_size: int | None = None) -> MVTecAD:
     """anomalib's ``MVTecAD`` on ``root/category``, set up, cut to the limits.
 
     The test set doubles as validation set (anomalib's default); validation only fits the post-processor's
-    threshold and scaling.
+    threshold and scaling. ``val_size``: validation images resized to that square size by the datamodule (e.g. to
+    calibrate an INT8 export fixed to that input size outside a trainer, which would otherwise resize them).
     """
     folder = Path(data.root) / data.category
     if not (folder / "train").is_dir():
@@ -275,6 +277,7 @@ def make_datamodule(data: DataConfig) -> MVTecAD:
         train_batch_size=data.batch_size,
         eval_batch_size=data.batch_size,
         num_workers=data.num_workers,
+        val_augmentations=Resize((val_size, val_size), antialias=True) if val_size else None,
     )
     return limit_datamodule(datamodule, data.train_limit, data.test_limit)
 

@@ -237,14 +237,14 @@ def openvino_forward(model: Any, threads: int) -> Callable[[torch.Tensor], Any]:
 def to_openvino(model: nn.Module, folder: str, example: torch.Tensor, data: common.DataConfig | None = None) -> Any:
     """The model as OpenVINO sees it: anomalib's own export for anomalib models, else ``convert_model``.
 
-    With ``data``, quantized to INT8 by NNCF: anomalib models through their ``int8_ptq`` export, calibrated on
-    the datamodule's validation images; other modules (the teacher alone) calibrated on those images resized to
-    ``example``'s size.
+    With ``data``, quantized to INT8 by NNCF: anomalib models through their ``int8_ptq`` export, the teacher alone
+    by ``nncf.quantize``, calibrated on the datamodule's validation images resized to ``example``'s size (the
+    exported graphs are fixed to it).
     """
     import openvino as ov
     from anomalib.deploy import CompressionType
 
-    datamodule = common.make_datamodule(data) if data else None
+    datamodule = common.make_datamodule(data, val_size=example.shape[-1]) if data else None
     if isinstance(model, AnomalibModule):
         compression = CompressionType.INT8_PTQ if data else None
         return Path(
@@ -258,12 +258,7 @@ def to_openvino(model: nn.Module, folder: str, example: torch.Tensor, data: comm
     import nncf
 
     datamodule.setup("fit")
-    size = tuple(example.shape[-2:])
-    images = [
-        F.interpolate(batch.image, size=size, mode="bilinear", align_corners=False).numpy()
-        for batch in datamodule.val_dataloader()
-    ]
-    return nncf.quantize(converted, nncf.Dataset(images))
+    return nncf.quantize(converted, nncf.Dataset([batch.image.numpy() for batch in datamodule.val_dataloader()]))
 
 
 class TeacherOnly(nn.Module):

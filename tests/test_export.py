@@ -187,6 +187,23 @@ def test_int8_quantizes_the_networks_not_the_map_head(exported_int8: Path) -> No
     assert not [name for name in head if ops[name].get_type_name() == "FakeQuantize"]
 
 
+def test_int8_export_of_a_fixed_input_size_calibrates_on_images_of_another_size(
+    trained: Trained, tmp_path: Path
+) -> None:
+    """``input_size`` fixes the graph's input; the calibration images (64 px here) are resized to it, as the
+    model's pre-processor would resize them, instead of being refused by the graph."""
+    import openvino as ov
+
+    from anomalib_tdad.export import static_size
+
+    path = trained.model.to_openvino(
+        tmp_path, input_size=(48, 48), compression_type="int8_ptq", datamodule=tiny_datamodule(trained.root)
+    )
+    model = ov.Core().read_model(path)
+    assert static_size(model) == (48, 48)
+    assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+
+
 def ground_truth_masks(root: Path, size: tuple[int, int]) -> np.ndarray:
     """The test images' defect masks (all-False for good images), in the order of ``test_images``."""
     masks = []

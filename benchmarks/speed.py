@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import math
@@ -232,6 +233,15 @@ def openvino_forward(model: Any, threads: int) -> Callable[[torch.Tensor], Any]:
         return lambda batch: compiled(batch.numpy())
     # anomalib's export can fix the batch size in the graph (PatchCore at 256 px: 2): feed batches in such chunks.
     return lambda batch: [compiled(chunk.numpy()) for chunk in batch.split(batch_dim.get_length())]
+
+
+def fixed_batch(model: Any) -> int | None:  # openvino.Model or a path to one
+    """The batch size an exported graph was fixed to (anomalib's PatchCore export at 256 px: 2), else None."""
+    import openvino as ov
+
+    graph = ov.Core().read_model(model) if isinstance(model, Path) else model
+    batch = graph.inputs[0].get_partial_shape()[0]
+    return batch.get_length() if batch.is_static else None
 
 
 def to_openvino(model: nn.Module, folder: str, example: torch.Tensor, data: common.DataConfig | None = None) -> Any:
@@ -488,13 +498,13 @@ def measure(
         row["parts"] = tdad_parts(model, batches)
     row["eager_mem_mb"] = memory.peak - base
     if not args.no_openvino:
-        formats = {"openvino": None, **({"openvino_int8": data} if not args.no_int8 else {})}
         try:
             with tempfile.TemporaryDirectory() as folder:
-                exported = {
-                    name: to_openvino(model, f"{folder}/{name}", batches[0], calibration)
-                    for name, calibration in formats.items()
-                }
+                exported = {"openvino": to_openvino(model, f"{folder}/f32", batches[0])}
+                if not args.no_int8:  # calibration batches as large as the f32 graph's batch, if it fixed one
+                    batch = fixed_batch(exported["openvino"]) or data.batch_size
+                    calibration = dataclasses.replace(data, batch_size=batch)
+                    exported["openvino_int8"] = to_openvino(model, f"{folder}/int8", batches[0], calibration)
                 del model
                 for name, ir in exported.items():
                     release_memory()

@@ -114,7 +114,10 @@ def quiet_ignored_scope() -> Iterator[None]:
 
 
 def predict_batch(compiled: Any, batch: ImageBatch) -> ImageBatch:  # noqa: ANN401  # openvino.CompiledModel
-    """``batch`` with the predictions of an exported anomalib model (``compiled``) on its images."""
+    """``batch`` with the predictions of an exported anomalib model (``compiled``) on its images.
+
+    Its ground-truth masks stay as given: at the datamodule's size, where the maps are at the model's.
+    """
     result = compiled(images(batch, static_size(compiled)))
     outputs = {output.get_any_name(): torch.from_numpy(result[output]) for output in compiled.outputs}
     size = (batch.image.shape[0], *outputs["anomaly_map"].shape[-2:])

@@ -178,8 +178,13 @@ class Tdad(AnomalibModule):
         return [*callbacks, *([DataCheck()] if self.check_data else []), SeededEpochs(), ValidateFinalEpoch()]
 
     def on_fit_start(self) -> None:
-        """Load teacher weights left to download; train ``default_epochs`` when no training length was set."""
+        """Load teacher weights left to download; train ``default_epochs`` when no training length was set.
+
+        The teacher-feature cache starts empty: a fit that failed never reached ``on_fit_end``, and its entries
+        must not enter this fit's statistics.
+        """
         self.model.load_pending_weights()
+        self.model.teacher_cache.clear()
         if self.trainer.fit_loop.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and self.trainer.max_steps == -1:
             logger.warning(
                 "No max_epochs given: TDAD trains %d epochs (set --trainer.max_epochs to change).", self.default_epochs
@@ -244,7 +249,8 @@ class Tdad(AnomalibModule):
         and resizes no image and runs no teacher pass, only the student's.
         """
         cache, trainer = self.model.teacher_cache, self.trainer
-        whole = trainer.limit_train_batches == 1.0 and trainer.world_size == 1 and not cache.full
+        limit = trainer.limit_train_batches  # the float 1.0 is every batch; the int 1 is one batch
+        whole = isinstance(limit, float) and limit == 1.0 and trainer.world_size == 1 and not cache.full
         if not whole or not len(cache) or cache.version != self._cache_version:
             return None
         return cache.batches(getattr(trainer.train_dataloader, "batch_size", None) or 1)

@@ -82,9 +82,10 @@ class LevelStatistics(nn.Module):
             msg = f"Need at least 2 normal training images for the map statistics, got {count}."
             raise ValueError(msg)
         for moments, total, square in zip(self.levels, sums, squares, strict=True):
-            mean = (total / count).float()
-            std = ((square.float() - count * mean**2).clamp_min(0) / (count - 1)).sqrt()
+            mean = total.double() / count  # the variance in float64: E[d²] - E[d]² cancels when std << mean
+            std = ((square.double() - count * mean**2).clamp_min(0) / (count - 1)).sqrt().float()
             std = std.clamp_min(self.min_std * std.mean().item() + 1e-6)
+            mean = mean.float()
             moments.mean = mean.reshape(1, 1, *mean.shape).clone()
             moments.std = std.reshape(1, 1, *std.shape).clone()
 

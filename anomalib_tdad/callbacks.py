@@ -1,7 +1,11 @@
-"""Lightning callbacks that ``Tdad`` returns from ``configure_callbacks``: data checks, seeded epochs and the
-validation of the final epoch."""
+"""Lightning callbacks that ``Tdad`` returns from ``configure_callbacks``: data checks, seeded epochs, the refit of
+the map statistics and the validation of the final epoch."""
 
 import hashlib
+import itertools
+import math
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -86,6 +90,64 @@ class SeededEpochs(Callback):
         del pl_module, outputs, batch
         done = batch_idx + 1 >= trainer.num_training_batches
         self.next_epoch = trainer.current_epoch + 1 if done else trainer.current_epoch
+
+
+class MapStatistics(Callback):
+    """Fit the map statistics of the current student on the training images before every validation and after
+    training (once per training step reached: a validation right after training does not refit again).
+
+    The teacher features come from the model's teacher-feature cache when it holds every training image: when a
+    whole training epoch in one process added no entry and none was left out for want of memory (so not after the
+    first epoch, nor with augmentations that change the images every epoch; identical images count once). Such a
+    refit loads, decodes and resizes no image and runs only the student. Otherwise it is a pass over the training
+    images within the trainer's ``limit_train_batches``.
+    """
+
+    def __init__(self) -> None:
+        self._fitted_step = -1  # global step at which the statistics were last fitted
+        self._cache_version = -1  # the cache's version when the current training epoch began
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Note the cache's state: an epoch that adds nothing to it has shown it every training image before."""
+        del trainer
+        self._cache_version = pl_module.model.teacher_cache.version
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Score with the statistics of the student being validated."""
+        self.fit(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit the statistics of the final student (if no validation followed the last step)."""
+        self.fit(trainer, pl_module)
+
+    def fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refit, unless the model does not standardize its maps, there are no training images or nothing trained."""
+        model = pl_module.model
+        if not model.anomaly_map_generator.standardize or trainer.train_dataloader is None:
+            return
+        if self._fitted_step != trainer.global_step:
+            reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
+            model.fit_statistics(self._cached_features(trainer, model) or self._images(trainer, pl_module), reduce)
+            self._fitted_step = trainer.global_step
+
+    def _cached_features(self, trainer: pl.Trainer, model: torch.nn.Module) -> Iterator[list[torch.Tensor]] | None:
+        """The training images' teacher features from the cache when it holds all of them, else None."""
+        cache = model.teacher_cache
+        limit = trainer.limit_train_batches  # the float 1.0 is every batch; the int 1 is one batch
+        whole = isinstance(limit, float) and limit == 1.0 and trainer.world_size == 1 and not cache.full
+        if not whole or not len(cache) or cache.version != self._cache_version:
+            return None
+        return cache.batches(getattr(trainer.train_dataloader, "batch_size", None) or 1)
+
+    @staticmethod
+    def _images(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[torch.Tensor]:
+        """The pre-processed training images, within the trainer's ``limit_train_batches``."""
+        limit = trainer.num_training_batches
+        batches = trainer.train_dataloader
+        transform = pl_module.pre_processor.transform if pl_module.pre_processor else None
+        for batch in batches if math.isinf(limit) else itertools.islice(batches, int(limit)):
+            images = batch.image.to(pl_module.device)
+            yield transform(images) if transform else images
 
 
 class ValidateFinalEpoch(Callback):

@@ -13,11 +13,8 @@ Example:
     >>> engine.fit(Tdad(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
 """
 
-import itertools
 import logging
-import math
-from collections.abc import Iterator, Sequence
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ from torch import optim
 from torchvision.transforms.v2 import Normalize
 
 from anomalib_tdad import export
-from anomalib_tdad.callbacks import DataCheck, SeededEpochs, ValidateFinalEpoch
+from anomalib_tdad.callbacks import DataCheck, MapStatistics, SeededEpochs, ValidateFinalEpoch
 from anomalib_tdad.checkpoint import (
     IncompatibleCheckpointError,
     NonFiniteLossError,
@@ -164,18 +161,18 @@ class Tdad(AnomalibModule):
             raise ValueError(msg)
         self.check_val_every_n_epoch = check_val_every_n_epoch
         self.check_data = check_data
-        self._statistics_step = -1  # global step at which the map statistics were last fitted
-        self._cache_version = -1  # the teacher cache's version when the current training epoch began
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam on the student only; the teacher is frozen."""
         return optim.Adam(self.model.student.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        """anomalib's components, the data checks (unless switched off), per-epoch seeding, final validation."""
+        """anomalib's components, the data checks (unless switched off), per-epoch seeding, the map statistics'
+        refit, final validation."""
         callbacks = super().configure_callbacks()
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
-        return [*callbacks, *([DataCheck()] if self.check_data else []), SeededEpochs(), ValidateFinalEpoch()]
+        checks = [DataCheck()] if self.check_data else []
+        return [*callbacks, *checks, SeededEpochs(), MapStatistics(), ValidateFinalEpoch()]
 
     def on_fit_start(self) -> None:
         """Load teacher weights left to download; train ``default_epochs`` when no training length was set.
@@ -226,52 +223,6 @@ class Tdad(AnomalibModule):
         self.log_dict({f"train_{name}": value.detach() for name, value in terms.items()}, **log)
         self.log("train_loss", loss.detach(), prog_bar=True, **log)
         return {"loss": loss}
-
-    def _training_images(self) -> Iterator[torch.Tensor]:
-        """The pre-processed training images, within the trainer's ``limit_train_batches``."""
-        limit = self.trainer.num_training_batches
-        batches = self.trainer.train_dataloader
-        transform = self.pre_processor.transform if self.pre_processor else None
-        for batch in batches if math.isinf(limit) else itertools.islice(batches, int(limit)):
-            images = batch.image.to(self.device)
-            yield transform(images) if transform else images
-
-    def on_train_epoch_start(self) -> None:
-        """Note the cache's state: an epoch that adds nothing to it has shown it every training image before."""
-        self._cache_version = self.model.teacher_cache.version
-
-    def _cached_training_features(self) -> Iterator[list[torch.Tensor]] | None:
-        """The training images' teacher features from the cache when it holds all of them, else None.
-
-        It does when a whole epoch in one process added no entry and none was left out for want of memory: every
-        training image was already in it (so not after the first epoch, nor with augmentations that change the
-        images every epoch). Identical images count once. A statistics refit from these features loads, decodes
-        and resizes no image and runs no teacher pass, only the student's.
-        """
-        cache, trainer = self.model.teacher_cache, self.trainer
-        limit = trainer.limit_train_batches  # the float 1.0 is every batch; the int 1 is one batch
-        whole = isinstance(limit, float) and limit == 1.0 and trainer.world_size == 1 and not cache.full
-        if not whole or not len(cache) or cache.version != self._cache_version:
-            return None
-        return cache.batches(getattr(trainer.train_dataloader, "batch_size", None) or 1)
-
-    def fit_map_statistics(self) -> None:
-        """Fit the map statistics of the current student on the training images, unless already current."""
-        if not self.model.anomaly_map_generator.standardize or self.trainer.train_dataloader is None:
-            return
-        if self._statistics_step != self.global_step:
-            distributed = self.trainer.world_size > 1
-            reduce = partial(self.trainer.strategy.reduce, reduce_op="sum") if distributed else None
-            self.model.fit_statistics(self._cached_training_features() or self._training_images(), reduce)
-            self._statistics_step = self.global_step
-
-    def on_validation_start(self) -> None:
-        """Score with the statistics of the student being validated."""
-        self.fit_map_statistics()
-
-    def on_train_end(self) -> None:
-        """Fit the statistics of the final student (if no validation followed the last step)."""
-        self.fit_map_statistics()
 
     def on_fit_end(self) -> None:
         """Free the cached teacher features: only training and statistics passes read them."""

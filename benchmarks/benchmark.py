@@ -28,6 +28,8 @@ Usage (from the repository root)::
         --init-arg Patchcore.coreset_sampling_ratio=0.01         # the labelled 2-core-CPU shortcut
     python benchmarks/benchmark.py --config benchmarks/ablation.yaml --max-epochs 1 --limit-train 32 \\
         --limit-test 60 --image-size 128 --seeds 0               # a quick check (numbers mean nothing)
+    python benchmarks/benchmark.py --config benchmarks/dev.yaml --models TDAD --track-every 5 \
+        --rescore score_topk=[0.001,0.01] --rescore sigma=[2,8]   # a curve by epoch; inference settings
 
 Every job trains with anomalib's ``Engine`` and tests with an anomalib ``Evaluator`` that holds image AUROC,
 pixel AUROC, PRO (anomalib's ``AUPRO``, FPR limit 0.3) and, for MVTec-layout sets, the pixel AUROC of each
@@ -60,7 +62,11 @@ What is anomalib's here, and why not all of its benchmark pipeline:
 Training length of a job, first match: the model's own (``trainer_arguments``: PatchCore and PaDiM fit in 1
 epoch, as anomalib's ``Engine`` enforces); ``--max-epochs``; the model entry's ``max_epochs``; ``trainer:
 max_epochs``; the model's ``default_epochs`` (TDAD: 40); otherwise the job fails and says so. Validation (which
-fits the post-processor's threshold and scaling) runs once, after the last epoch.
+fits the post-processor's threshold and scaling) runs once, after the last epoch (``--track-every N``: every N
+epochs, written to ``curve.csv``). ``--rescore KEY=VALUES`` tests each trained model again with an init_arg that
+only changes inference (TDAD's ``score_topk``, ``sigma``, ``level_weights``): the job's model is built with the
+value, takes the trained network's weights and fitted state (``model.load_state_dict``), validates (fitting its
+post-processor) and tests, as a row ``<model> · KEY=VALUE``.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ import argparse
 import copy
 import gc
 import importlib
+import inspect
 import math
 import sys
 import tempfile
@@ -305,6 +312,7 @@ class Options:
     trainer: dict[str, Any] = field(default_factory=dict)
     openvino: tuple[str, ...] = ()
     track_every: int = 0
+    rescore: tuple[tuple[str, Any], ...] = ()  # (init_arg, value) pairs tested on each trained model
 
 
 @dataclass
@@ -388,9 +396,12 @@ class Job:
             raise ValueError(msg)
         return every
 
-    def run(self, callbacks: Sequence[Callback] = (), heatmaps: bool = False) -> tuple[dict[str, Any], Any]:
-        """Fit and test; returns the results row and, with ``heatmaps``, ``(names, images, masks, maps)`` of a
-        few defective test images (else None). Exceptions propagate (:func:`run_jobs` records them)."""
+    def run(
+        self, callbacks: Sequence[Callback] = (), heatmaps: bool = False
+    ) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+        """Fit and test; returns the results row, with ``heatmaps`` ``(names, images, masks, maps)`` of a few
+        defective test images (else None), and the rows of ``--rescore``. Exceptions propagate (:func:`run_jobs`
+        records them)."""
         row = self.describe()
         seed_everything(self.seed, workers=True)
         datamodule = self.datamodule()
@@ -426,18 +437,22 @@ class Job:
             fitted = time.perf_counter()
             metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
             row |= {"fit_s": round(fitted - start, 1), "test_s": round(time.perf_counter() - fitted, 1)}
-        row |= {label: float(metrics[key]) for key, label in METRICS.items() if key in metrics}
-        row |= {f"{TYPE_PREFIX}{kind}": float(metrics[f"pixel_AUROC[{kind}]"]) for kind in types}
+            row |= metric_columns(metrics, types)
+            rescored = [
+                {**row, "model": f"{self.label} · {key}={value}", **self.rescore(model, types, datamodule, key, value)}
+                for key, value in self.options.rescore
+                if key in inspect.signature(type(model)).parameters
+            ]
         if self.options.openvino:
             start = time.perf_counter()
             for mode in self.options.openvino:
                 try:
-                    scores = openvino_metrics(model, datamodule, mode)
+                    exported = openvino_metrics(model, datamodule, mode)
                 except Exception as error:  # noqa: BLE001 - keep the torch results of hours of training
                     traceback.print_exc()
                     row["openvino_error"] = f"{mode}: {type(error).__name__}: {error}"[:300]
                     continue
-                row |= {export_column(mode, label): value for label, value in scores.items()}
+                row |= {export_column(mode, label): value for label, value in exported.items()}
             row["openvino_s"] = round(time.perf_counter() - start, 1)
         sheet = None
         if heatmaps and self.options.heatmaps:
@@ -446,7 +461,29 @@ class Job:
             if names:
                 sheet = (names, images, masks, common.predict_maps(model, images))
         del engine, model
-        return row, sheet
+        return row, sheet, rescored
+
+    def rescore(
+        self, trained: AnomalibModule, types: Sequence[str], datamodule: AnomalibDataModule, key: str, value: Any
+    ) -> dict[str, Any]:
+        """The test scores of ``trained``'s network (``model``: its weights and fitted state) in the job's model
+        built with ``key=value``: an inference setting (e.g. TDAD's ``score_topk``, ``sigma``) screened without
+        training again. A validation fits the new model's post-processor first, as after training."""
+        model = self.model(types, **{key: value})
+        model.model.load_state_dict(trained.model.state_dict())
+        quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+        with tempfile.TemporaryDirectory() as workdir:
+            engine = Engine(**quiet, accelerator=self.accelerator, devices=1, default_root_dir=workdir)
+            start = time.perf_counter()
+            engine.validate(model=model, datamodule=datamodule, verbose=False)
+            metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+        return {"test_s": round(time.perf_counter() - start, 1), **metric_columns(metrics, types)}
+
+
+def metric_columns(metrics: dict[str, Any], types: Sequence[str]) -> dict[str, float]:
+    """The results columns of a test's ``metrics``: the main ones and the pixel AUROC of each defect type."""
+    row = {label: float(metrics[key]) for key, label in METRICS.items() if key in metrics}
+    return row | {f"{TYPE_PREFIX}{kind}": float(metrics[f"pixel_AUROC[{kind}]"]) for kind in types}
 
 
 def openvino_metrics(model: AnomalibModule, datamodule: AnomalibDataModule, mode: str) -> dict[str, float]:
@@ -587,14 +624,15 @@ def run_jobs(jobs: Sequence[Job], output: Path) -> tuple[pd.DataFrame, Heatmaps,
             try:
                 wanted = heatmaps.wants(job)
                 tracking = [Curve(job, curve)] if job.options.track_every else []
-                row, sheet = job.run(callbacks=[_EpochProgress(bar, job), *tracking], heatmaps=wanted)
+                row, sheet, rescored = job.run(callbacks=[_EpochProgress(bar, job), *tracking], heatmaps=wanted)
                 row["status"] = "ok"
                 if sheet is not None:
                     heatmaps.add(job, sheet)
             except Exception as error:  # noqa: BLE001 - one failed job must not lose hours of others
                 traceback.print_exc()
                 row = {**job.describe(), "status": "failed", "error": f"{type(error).__name__}: {error}"[:500]}
-            rows.append({**row, **flat})
+                rescored = []
+            rows += [{**row, **flat}, *({**extra, "status": "ok", **flat} for extra in rescored)]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -912,9 +950,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "metrics by epoch: curve.csv, curve.png (default 0: validate once, after the last epoch)",
     )
     parser.add_argument(
+        "--rescore",
+        action="append",
+        default=[],
+        metavar="KEY=VALUES",
+        help="after each test, test the trained model again with this init_arg set to each value (YAML, a value or "
+        "a list), e.g. score_topk=[0.001,0.01]: an inference setting screened without training again; a row "
+        "'<model> · KEY=VALUE' per value, for the models that take KEY (repeatable)",
+    )
+    parser.add_argument(
         "--heatmaps", type=int, default=4, help="defective images per dataset in heatmaps.png (default 4; 0: none)"
     )
     return parser.parse_args(argv)
+
+
+def rescorings(arguments: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """The ``(key, value)`` pairs of ``--rescore KEY=VALUES`` arguments."""
+    pairs = []
+    for argument in arguments:
+        key, sep, values = argument.partition("=")
+        if not sep or not key.isidentifier():
+            msg = f"--rescore {argument!r}: expected KEY=VALUES, e.g. score_topk=[0.001,0.01]."
+            raise ConfigError(msg)
+        values = yaml.safe_load(values)
+        pairs += [(key, value) for value in (values if isinstance(values, list) else [values])]
+    return tuple(pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -926,6 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config, args)
+        rescore = rescorings(args.rescore)
     except ConfigError as error:
         print(f"benchmark: {error}", file=sys.stderr)
         return 2
@@ -949,6 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer,
         tuple(args.openvino),
         args.track_every,
+        rescore,
     )
     jobs = expand_jobs(config, options)
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{args.config.stem}"

@@ -174,6 +174,32 @@ def test_harness_scores_the_openvino_exports_as_the_torch_model(harness_run: Har
     assert "## Exported to OpenVINO" in report
 
 
+def test_harness_rescores_a_trained_model_without_training_it_again(
+    harness: ModuleType, tiny_root: Path, tmp_path: Path
+) -> None:
+    """``--rescore``: the trained TDAD tested again with another image score. Its maps are the trained model's
+    (pixel metrics equal: the weights and map statistics carried over); a key the model does not take adds no row."""
+    config = tiny_config(tiny_root, [{"class_path": "Tdad"}], tmp_path / "tiny.yaml")
+    output = tmp_path / "out"
+    with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
+        args = ["--config", str(config), "--image-size", "64", "--heatmaps", "0", "--output", str(output)]
+        code = harness.main([*args, "--rescore", "score_topk=[0.5]", "--rescore", "n_neighbors=3"])
+    assert code == 0
+    results = pd.read_csv(output / "results.csv").set_index("model")
+    assert results.index.tolist() == ["TDAD", "TDAD · score_topk=0.5"]
+    assert (results.status == "ok").all()
+    base, rescored = results.loc["TDAD"], results.loc["TDAD · score_topk=0.5"]
+    for metric in ("pixel AUROC", "PRO"):
+        assert rescored[metric] == pytest.approx(base[metric], abs=1e-6), metric
+    assert 0.0 <= rescored["image AUROC"] <= 1.0
+    assert rescored["fit_s"] == base["fit_s"]  # the same fit, not a new one
+    summary = pd.read_csv(output / "summary.csv")
+    assert "TDAD · score_topk=0.5" in set(summary.model)
+    with pytest.raises(harness.ConfigError, match="expected KEY=VALUES"):
+        harness.rescorings(["score_topk"])
+    assert harness.rescorings(["sigma=[2, 8]", "score_topk=0.01"]) == (("sigma", 2), ("sigma", 8), ("score_topk", 0.01))
+
+
 def test_harness_tracks_validation_metrics_by_epoch(harness: ModuleType, tiny_root: Path, tmp_path: Path) -> None:
     """``--track-every 1``: the metrics after each epoch, the last equal to the test's (anomalib's MVTecAD validates
     on its test set); a cadence must divide a model's epochs."""

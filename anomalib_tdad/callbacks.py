@@ -1,5 +1,5 @@
 """Lightning callbacks that ``Tdad`` returns from ``configure_callbacks``: data checks, seeded epochs, the refit of
-the map statistics and the validation of the final epoch."""
+the map statistics and the validation cadence."""
 
 import hashlib
 import itertools
@@ -116,6 +116,11 @@ class MapStatistics(Callback):
         """Score with the statistics of the student being validated."""
         self.fit(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fit the statistics of the epoch's student for the checkpoint written at its end (after an epoch that did
+        not validate; see :class:`ValidationCadence`): a checkpoint's statistics are always those of its weights."""
+        self.fit(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fit the statistics of the final student (if no validation followed the last step)."""
         self.fit(trainer, pl_module)
@@ -150,13 +155,14 @@ class MapStatistics(Callback):
             yield transform(images) if transform else images
 
 
-class ValidateFinalEpoch(Callback):
-    """Validate after the last epoch as well, whatever ``check_val_every_n_epoch`` says.
+class ValidationCadence(Callback):
+    """A validation cadence (``check_val_every_n_epoch``) that only skips validations: the last epoch validates
+    and every epoch is checkpointed.
 
     With ``check_val_every_n_epoch=10`` and ``max_epochs=15`` Lightning validates after epoch 10 only, and the
     post-processor's thresholds and normalization (fitted in validation) and the checkpoint saved after
-    validation would come from an older model than the one tested. The cadence only skips validations
-    in between. Runs limited by steps or time only (no ``max_epochs``) keep the cadence as it is.
+    validation would come from an older model than the one tested; and its checkpoint is written after
+    validations only. Runs limited by steps or time only (no ``max_epochs``) keep the cadence as it is.
     """
 
     def __init__(self) -> None:
@@ -166,6 +172,20 @@ class ValidateFinalEpoch(Callback):
         """Remember the trainer's cadence."""
         del pl_module
         self.every_n_epochs = trainer.check_val_every_n_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Have the checkpoint written at this epoch's end, also when the cadence skipped its validation.
+
+        Lightning's (and anomalib's) ``ModelCheckpoint``, which runs after this callback, saves at an epoch's end
+        when validation runs every epoch and otherwise only after a validation, so a killed run would have nothing
+        to resume from since the last one. Until the next epoch starts the trainer's cadence reads 1. An epoch that
+        validated was saved already (a step is saved once); checkpoints that monitor a metric are left alone.
+        """
+        del pl_module
+        if self.every_n_epochs in (None, 1) or trainer.max_epochs in (None, -1):
+            return
+        if all(callback.monitor is None for callback in trainer.checkpoint_callbacks):
+            trainer.check_val_every_n_epoch = 1
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validate every epoch from the last epoch on (Lightning reads the cadence after every batch)."""

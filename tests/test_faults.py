@@ -110,6 +110,7 @@ from anomalib_tdad import Tdad
 
 torch.set_num_threads(1)
 root, out, kill_epoch, ckpt_path = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] or None
+cadence = int(sys.argv[5])
 
 
 class KillAtSecondStep(Callback):
@@ -130,7 +131,7 @@ class Epochs(Callback):
 
 seed_everything(0)  # the same command line as the first run, plus the checkpoint
 epochs = Epochs()
-model = Tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+model = Tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)), check_val_every_n_epoch=cadence)
 datamodule = MVTecAD(root=root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
 engine = Engine(max_epochs=3, default_root_dir=out, logger=False, enable_progress_bar=False,
                 enable_model_summary=False, callbacks=[KillAtSecondStep(), epochs])
@@ -147,31 +148,37 @@ torch.save(model.state_dict(), out / "final_state.pt")
 '''
 
 
-def run_training(tmp_path: Path, root: Path, name: str, kill_epoch: int = -1, ckpt_path: Path | None = None):
+def run_training(
+    tmp_path: Path, root: Path, name: str, kill_epoch: int = -1, ckpt_path: Path | None = None, cadence: int = 1
+):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     out = tmp_path / name
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(script), str(root), str(out), str(kill_epoch), str(ckpt_path or "")]
+    command = [sys.executable, str(script), str(root), str(out), str(kill_epoch), str(ckpt_path or ""), str(cadence)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     return out, result
 
 
+@pytest.mark.parametrize("cadence", [1, 3])
 def test_killed_training_resumes_from_last_checkpoint_like_an_uninterrupted_run(
-    tiny_root: Path, tmp_path: Path
+    tiny_root: Path, tmp_path: Path, cadence: int
 ) -> None:
-    full, result = run_training(tmp_path, tiny_root, "uninterrupted")
+    """Killed in its third epoch, a run resumes from the end of the second, validated (cadence 1) or not (3)."""
+    full, result = run_training(tmp_path, tiny_root, "uninterrupted", cadence=cadence)
     assert result.returncode == 0, result.stderr[-5000:]
 
-    killed, result = run_training(tmp_path, tiny_root, "killed", kill_epoch=2)
+    killed, result = run_training(tmp_path, tiny_root, "killed", kill_epoch=2, cadence=cadence)
     assert result.returncode == -signal.SIGKILL
     assert not (killed / "result.json").exists()
     (checkpoint,) = killed.rglob("*.ckpt")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert (saved["epoch"], saved["global_step"]) == (1, 8)  # epochs 0 and 1 finished, 4 steps each
+    # Its map statistics were fitted for its weights, also without a validation (identity: mean 0, std 1).
+    assert not torch.all(saved["state_dict"]["model.anomaly_map_generator.statistics.levels.0.std"] == 1)
 
-    resumed, result = run_training(tmp_path, tiny_root, "resumed", ckpt_path=checkpoint)
+    resumed, result = run_training(tmp_path, tiny_root, "resumed", ckpt_path=checkpoint, cadence=cadence)
     assert result.returncode == 0, result.stderr[-5000:]
     full_result = json.loads((full / "result.json").read_text())
     resumed_result = json.loads((resumed / "result.json").read_text())

@@ -33,7 +33,7 @@ from torch import optim
 from torchvision.transforms.v2 import Normalize
 
 from anomalib_tdad import export
-from anomalib_tdad.callbacks import DataCheck, MapStatistics, SeededEpochs, ValidateFinalEpoch
+from anomalib_tdad.callbacks import DataCheck, MapStatistics, SeededEpochs, ValidationCadence
 from anomalib_tdad.checkpoint import (
     IncompatibleCheckpointError,
     NonFiniteLossError,
@@ -172,7 +172,7 @@ class Tdad(AnomalibModule):
         callbacks = super().configure_callbacks()
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)
         checks = [DataCheck()] if self.check_data else []
-        return [*callbacks, *checks, SeededEpochs(), MapStatistics(), ValidateFinalEpoch()]
+        return [*callbacks, *checks, SeededEpochs(), MapStatistics(), ValidationCadence()]
 
     def on_fit_start(self) -> None:
         """Load teacher weights left to download; train ``default_epochs`` when no training length was set.

@@ -119,7 +119,8 @@ class MapStatistics(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fit the statistics of the epoch's student for the checkpoint written at its end (after an epoch that did
         not validate; see :class:`ValidationCadence`): a checkpoint's statistics are always those of its weights."""
-        self.fit(trainer, pl_module)
+        if trainer.checkpoint_callbacks:
+            self.fit(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fit the statistics of the final student (if no validation followed the last step)."""

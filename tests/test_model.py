@@ -514,7 +514,9 @@ def test_the_statistics_refit_reads_the_cache_once_it_holds_the_training_set(
     for cache_mb, expected in [(64, [loaded, []]), (0, [loaded + ["teacher"] * 4] * 2)]:
         refits.clear()
         model = untrained_tdad(
-            pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)), teacher_cache_mb=cache_mb
+            pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)),
+            teacher_cache_mb=cache_mb,
+            check_val_every_n_epoch=1,
         )
         model.model.teacher.register_forward_hook(lambda *args: watch("teacher"))
         engine = quiet_engine(tmp_path, max_epochs=2, limit_val_batches=1, callbacks=[WatchRefit()])

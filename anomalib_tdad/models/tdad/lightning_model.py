@@ -90,9 +90,10 @@ class Tdad(AnomalibModule):
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
         check_val_every_n_epoch: Validate (refit the map statistics, score the validation set) every this many
-            epochs and after the last one. Under anomalib's Engine it replaces the trainer's setting of the same
-            name (anomalib's rule for ``trainer_arguments``). anomalib's checkpoint is written after validation,
-            so a cadence above 1 saves training time but leaves a killed run fewer epochs to resume from.
+            epochs and after the last one; every epoch is still checkpointed, with its own map statistics
+            (:class:`~anomalib_tdad.callbacks.ValidationCadence`). Validation does not change what is trained.
+            Under anomalib's Engine it replaces the trainer's setting of the same name (anomalib's rule for
+            ``trainer_arguments``).
         check_data: Check every image and mask of the splits a run uses before it starts (see
             :class:`~anomalib_tdad.callbacks.DataCheck`); ``False`` skips the check.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True``: defaults).
@@ -121,7 +122,7 @@ class Tdad(AnomalibModule):
         teacher_cache_mb: int = 1024,
         learning_rate: float = 0.005,
         default_epochs: int = 40,
-        check_val_every_n_epoch: int = 1,
+        check_val_every_n_epoch: int = 5,
         check_data: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,

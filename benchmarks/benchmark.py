@@ -30,6 +30,7 @@ Usage (from the repository root)::
         --limit-test 60 --image-size 128 --seeds 0               # a quick check (numbers mean nothing)
     python benchmarks/benchmark.py --config benchmarks/dev.yaml --models TDAD --track-every 5 \
         --rescore score_topk=[0.001,0.01] --rescore sigma=[2,8]   # a curve by epoch; inference settings
+    python benchmarks/benchmark.py --merge results/benchmarks/run-a results/benchmarks/run-b  # e.g. per-seed runs
 
 Every job trains with anomalib's ``Engine`` and tests with an anomalib ``Evaluator`` that holds image AUROC,
 pixel AUROC, PRO (anomalib's ``AUPRO``, FPR limit 0.3) and, for MVTec-layout sets, the pixel AUROC of each
@@ -735,9 +736,12 @@ def add_export_changes(results: pd.DataFrame, modes: Sequence[str]) -> list[str]
     return added
 
 
-def export_section(summary: pd.DataFrame, modes: Sequence[str], metrics: Sequence[str]) -> str:
+def export_section(results: pd.DataFrame, modes: Sequence[str], metrics: Sequence[str]) -> str:
     """Markdown: per dataset and model, the torch model's metrics and each OpenVINO export's, with the change of
-    each INT8 export against the f32 IR (mean over seeds of the per-job change)."""
+    each INT8 export against the f32 IR (mean over seeds of the per-job change); over the jobs that were exported."""
+    columns = [column for column in results.columns if column.startswith(tuple(EXPORTS[mode] for mode in modes))]
+    exported = results[(results.status == "ok") & results[columns].notna().any(axis=1)]
+    summary = summarize(exported, [*metrics, *columns])
     rows = []
     for _, row in summary[summary.dataset != MEAN_LABEL].iterrows():
         rows.append([row.dataset, row.model, "torch", *(_cell(row, metric) for metric in metrics)])
@@ -756,7 +760,7 @@ def export_section(summary: pd.DataFrame, modes: Sequence[str], metrics: Sequenc
         "on the datamodule's validation set, which anomalib's MVTecAD and Kolektor take from the test set), compiled "
         "for the CPU in f32 and scored on the same test set with the same metrics (`int8_acq` also tunes on it, so "
         "its change is optimistic). In brackets: the change of an INT8 model against "
-        f"{reference} of the same job, mean over seeds.\n\n"
+        f"{reference} of the same job, mean over seeds. Only the jobs that were exported.\n\n"
         + common.markdown_table(["dataset", "model", "format", *metrics], rows)
     )
 
@@ -827,6 +831,7 @@ def write_outputs(
     options: Options,
     command: Sequence[str],
     curve: pd.DataFrame | None = None,
+    merged: Sequence[Path] = (),
 ) -> None:
     """``summary.csv``, ``metrics.png``, ``heatmaps.png`` and ``report.md`` from the results (and ``curve.png``
     from the validation metrics by epoch, with ``--track-every``)."""
@@ -838,6 +843,8 @@ def write_outputs(
     summary.to_csv(output / "summary.csv", index=False)
     models = list(dict.fromkeys(summary.model)) if len(summary) else []
     sections = [setup_note(config_path, results, options)]
+    if merged:
+        sections.insert(0, f"Merged from {len(merged)} runs: " + ", ".join(f"`{folder}`" for folder in merged) + ".")
     for metric in metrics:
         sections.append(f"## {metric}\n\n" + metric_table(summary, metric, models))
     if "fit_s_mean" in summary:
@@ -855,7 +862,7 @@ def write_outputs(
             "ones.\n\n" + "\n\n".join(by_type)
         )
     if options.openvino and metrics:
-        sections.append(export_section(summary, options.openvino, metrics))
+        sections.append(export_section(results, options.openvino, metrics))
     if curve is not None and len(curve):
         sections.append(curve_section(curve, output / "curve.png"))
     baseline = config.get("baseline")
@@ -875,7 +882,7 @@ def write_outputs(
     if len(failed):
         rows = failed[["model", "dataset", "seed", "error"]].fillna("").to_numpy()
         sections.append("## Failed jobs\n\n" + common.markdown_table(["model", "dataset", "seed", "error"], rows))
-    title = f"Benchmark `{config_path.stem}`"
+    title = "Benchmark: merged runs" if merged else f"Benchmark `{config_path.stem}`"
     common.write_report(output / "report.md", title, [s for s in sections if s], command)
 
 
@@ -885,7 +892,16 @@ def write_outputs(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="benchmark config (anomalib benchmark format)")
+    parser.add_argument("--config", type=Path, default=None, help="benchmark config (anomalib benchmark format)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="instead of running a config: report the output folders of earlier runs as one (e.g. one run per "
+        "seed), their results.csv and curve.csv together",
+    )
     parser.add_argument(
         "--output", type=Path, default=None, help="output folder (default: results/benchmarks/<timestamp>-<config>)"
     )
@@ -964,6 +980,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]) -> int:
+    """Write one report of earlier runs' output ``folders`` (``results.csv``, ``curve.csv`` if any, the first
+    run's ``config.yaml``) to ``output``; 2 when a folder is no run, a job appears twice or input sizes differ."""
+    missing = [str(folder) for folder in folders if not (folder / "results.csv").is_file()]
+    if missing:
+        print("benchmark: no results.csv in\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
+    results = pd.concat([pd.read_csv(folder / "results.csv") for folder in folders], ignore_index=True)
+    keys = ["model", "dataset", "seed", "accelerator"]
+    twice = results[results.duplicated(keys, keep=False)][keys].drop_duplicates()
+    sizes = set(results.image_size.dropna().astype(str))
+    if len(twice) or len(sizes) > 1:
+        problem = f"jobs in more than one run: {twice.to_dict('records')}" if len(twice) else f"input sizes {sizes}"
+        print(f"benchmark: cannot merge, {problem}", file=sys.stderr)
+        return 2
+    curves = [pd.read_csv(folder / "curve.csv") for folder in folders if (folder / "curve.csv").is_file()]
+    config_path = folders[0] / "config.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    size = next(iter(sizes), "default")
+    modes = [mode for mode, name in EXPORTS.items() if any(c.startswith(f"{name} · ") for c in results.columns)]
+    options = Options(image_size=None if size == "default" else int(float(size)), openvino=tuple(modes))
+    output = (output or common.REPO / "results" / "benchmarks" / f"{datetime.now():%Y%m%d-%H%M%S}-merged").resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    results = results_table(results.to_dict("records"))
+    results.to_csv(output / "results.csv", index=False)
+    curve = pd.concat(curves, ignore_index=True) if curves else None
+    if curve is not None:
+        curve.to_csv(output / "curve.csv", index=False)
+    command = [str(Path(__file__).resolve().relative_to(common.REPO)), *argv]
+    write_outputs(output, config, config_path, results, Heatmaps(), options, command, curve, merged=folders)
+    print(f"Wrote {output / 'report.md'}")
+    return 0
+
+
 def rescorings(arguments: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     """The ``(key, value)`` pairs of ``--rescore KEY=VALUES`` arguments."""
     pairs = []
@@ -981,6 +1031,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the config's jobs and write the outputs; returns 1 if any job failed, 2 if none could start."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if (args.config is None) == (args.merge is None):
+        print("benchmark: give either --config (run its jobs) or --merge (report earlier runs)", file=sys.stderr)
+        return 2
+    if args.merge:
+        return merge_runs(args.merge, args.output, argv)
     common.quiet()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -174,6 +174,29 @@ def test_harness_scores_the_openvino_exports_as_the_torch_model(harness_run: Har
     assert "## Exported to OpenVINO" in report
 
 
+def test_harness_merges_runs_into_one_report(harness: ModuleType, harness_run: HarnessRun, tmp_path: Path) -> None:
+    """``--merge``: two runs (here one run and a copy with another seed) reported as one, mean ± std over both; a
+    job in two runs is refused, as is a folder without results."""
+    results = pd.read_csv(harness_run.output / "results.csv")
+    other = tmp_path / "seed1"
+    other.mkdir()
+    shifted = results.assign(seed=1, **{"image AUROC": results["image AUROC"] - 0.1})
+    shifted.to_csv(other / "results.csv", index=False)
+    output = tmp_path / "merged"
+    assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 0
+    summary = pd.read_csv(output / "summary.csv").set_index("model")
+    merged = pd.read_csv(output / "results.csv")
+    assert len(merged) == 2 * len(results) and sorted(set(merged.seed)) == [0, 1]
+    tdad = results.set_index("model").loc["TDAD"]
+    assert summary.loc["TDAD", "runs"] == 2
+    assert summary.loc["TDAD", "image AUROC_mean"] == pytest.approx(tdad["image AUROC"] - 0.05)
+    assert summary.loc["TDAD", "pixel AUROC_mean"] == pytest.approx(tdad["pixel AUROC"])
+    assert "Merged from 2 runs" in (output / "report.md").read_text(encoding="utf-8")
+    assert harness.main(["--merge", str(harness_run.output), str(harness_run.output), "--output", str(output)]) == 2
+    assert harness.main(["--merge", str(tmp_path / "nothing"), "--output", str(output)]) == 2
+    assert harness.main(["--output", str(output)]) == 2  # neither --config nor --merge
+
+
 def test_harness_rescores_a_trained_model_without_training_it_again(
     harness: ModuleType, tiny_root: Path, tmp_path: Path
 ) -> None:

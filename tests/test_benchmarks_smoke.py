@@ -584,7 +584,7 @@ def test_speed_times_anomalibs_default_fit_of_a_source_checkout(tiny_root: Path,
     fit = pd.read_csv(output / "fit.csv")
     assert fit.source.tolist() == [str(BENCHMARKS.parent)]
     assert fit.epochs.tolist() == [2]
-    assert fit.validations.tolist() == [2]  # the default cadence: every epoch
+    assert fit.validations.tolist() == [1]  # the default cadence (5 epochs): only after the last one
     assert (fit.s_per_epoch > 0).all()
     assert_report(output / "report.md", ["default Engine, 2 epochs", "speed-up"])
 

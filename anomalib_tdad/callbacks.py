@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_tdad.checks import check_datamodule, check_dataset_exists
@@ -174,18 +175,29 @@ class ValidationCadence(Callback):
         del pl_module
         self.every_n_epochs = trainer.check_val_every_n_epoch
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A validation during fitting: its epoch's checkpoint, too, is written at the epoch's end (see below)."""
+        del pl_module
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._checkpoint_at_epoch_end(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Have the checkpoint written at this epoch's end, also when the cadence skipped its validation.
+        """Have the checkpoint written at this epoch's end, also when the cadence skipped its validation."""
+        del pl_module
+        self._checkpoint_at_epoch_end(trainer)
+
+    def _checkpoint_at_epoch_end(self, trainer: pl.Trainer) -> None:
+        """Make the trainer's cadence read 1 until the next epoch starts.
 
         Lightning's (and anomalib's) ``ModelCheckpoint``, which runs after this callback, saves at an epoch's end
-        when validation runs every epoch and otherwise only after a validation, so a killed run would have nothing
-        to resume from since the last one. Until the next epoch starts the trainer's cadence reads 1. An epoch that
-        validated was saved already (a step is saved once); checkpoints that monitor a metric are left alone.
+        when validation runs every epoch, and otherwise after each validation only: a killed run would have nothing
+        to resume from since the last validation, and a checkpoint written after validation, before its epoch
+        ended, resumes as an unfinished epoch whose seeding differs from the uninterrupted run's. Checkpoints that
+        monitor a metric are left alone.
         """
-        del pl_module
         if self.every_n_epochs in (None, 1) or trainer.max_epochs in (None, -1):
             return
-        if all(callback.monitor is None for callback in trainer.checkpoint_callbacks):
+        if all(getattr(callback, "monitor", None) is None for callback in trainer.checkpoint_callbacks):
             trainer.check_val_every_n_epoch = 1
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

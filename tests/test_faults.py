@@ -161,11 +161,12 @@ def run_training(
     return out, result
 
 
-@pytest.mark.parametrize("cadence", [1, 3])
+@pytest.mark.parametrize("cadence", [1, 2, 3])
 def test_killed_training_resumes_from_last_checkpoint_like_an_uninterrupted_run(
     tiny_root: Path, tmp_path: Path, cadence: int
 ) -> None:
-    """Killed in its third epoch, a run resumes from the end of the second, validated (cadence 1) or not (3)."""
+    """Killed in its third epoch, a run resumes from the end of the second: validated every epoch (cadence 1), validated
+    at a cadence of 2, or not validated (3)."""
     full, result = run_training(tmp_path, tiny_root, "uninterrupted", cadence=cadence)
     assert result.returncode == 0, result.stderr[-5000:]
 

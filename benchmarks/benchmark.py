@@ -438,12 +438,8 @@ class Job:
             fitted = time.perf_counter()
             metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
             row |= {"fit_s": round(fitted - start, 1), "test_s": round(time.perf_counter() - fitted, 1)}
+            rescored = self.rescored_rows(model, types, datamodule, base=dict(row))
             row |= metric_columns(metrics, types)
-            rescored = [
-                {**row, "model": f"{self.label} · {key}={value}", **self.rescore(model, types, datamodule, key, value)}
-                for key, value in self.options.rescore
-                if key in inspect.signature(type(model)).parameters
-            ]
         if self.options.openvino:
             start = time.perf_counter()
             for mode in self.options.openvino:
@@ -463,6 +459,24 @@ class Job:
                 sheet = (names, images, masks, common.predict_maps(model, images))
         del engine, model
         return row, sheet, rescored
+
+    def rescored_rows(
+        self, trained: AnomalibModule, types: Sequence[str], datamodule: AnomalibDataModule, base: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """A results row per ``--rescore`` value that ``trained``'s class takes: ``base`` (the job's columns
+        without its metrics) with the rescored test's. A rescore that fails is a failed row, not a failed job."""
+        rows = []
+        for key, value in self.options.rescore:
+            if key not in inspect.signature(type(trained)).parameters:
+                continue
+            row = {**base, "model": f"{self.label} · {key}={value}"}
+            try:
+                row |= {"status": "ok", **self.rescore(trained, types, datamodule, key, value)}
+            except Exception as error:  # noqa: BLE001 - keep the trained model's own results
+                traceback.print_exc()
+                row |= {"status": "failed", "error": f"{type(error).__name__}: {error}"[:500]}
+            rows.append(row)
+        return rows
 
     def rescore(
         self, trained: AnomalibModule, types: Sequence[str], datamodule: AnomalibDataModule, key: str, value: Any
@@ -633,7 +647,7 @@ def run_jobs(jobs: Sequence[Job], output: Path) -> tuple[pd.DataFrame, Heatmaps,
                 traceback.print_exc()
                 row = {**job.describe(), "status": "failed", "error": f"{type(error).__name__}: {error}"[:500]}
                 rescored = []
-            rows += [{**row, **flat}, *({**extra, "status": "ok", **flat} for extra in rescored)]
+            rows += [{**row, **flat}, *({**extra, **flat} for extra in rescored)]
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

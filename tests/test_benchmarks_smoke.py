@@ -201,16 +201,19 @@ def test_harness_rescores_a_trained_model_without_training_it_again(
     harness: ModuleType, tiny_root: Path, tmp_path: Path
 ) -> None:
     """``--rescore``: the trained TDAD tested again with another image score. Its maps are the trained model's
-    (pixel metrics equal: the weights and map statistics carried over); a key the model does not take adds no row."""
+    (pixel metrics equal: the weights and map statistics carried over); a key the model does not take adds no row; a
+    value it refuses is a failed row of its own, with no metrics, beside the trained model's results."""
     config = tiny_config(tiny_root, [{"class_path": "Tdad"}], tmp_path / "tiny.yaml")
     output = tmp_path / "out"
     with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
         args = ["--config", str(config), "--image-size", "64", "--heatmaps", "0", "--output", str(output)]
-        code = harness.main([*args, "--rescore", "score_topk=[0.5]", "--rescore", "n_neighbors=3"])
-    assert code == 0
+        code = harness.main([*args, "--rescore", "score_topk=[0.5,1.5]", "--rescore", "n_neighbors=3"])
+    assert code == 1  # the refused value
     results = pd.read_csv(output / "results.csv").set_index("model")
-    assert results.index.tolist() == ["TDAD", "TDAD · score_topk=0.5"]
-    assert (results.status == "ok").all()
+    assert results.index.tolist() == ["TDAD", "TDAD · score_topk=0.5", "TDAD · score_topk=1.5"]
+    assert results.status.tolist() == ["ok", "ok", "failed"]
+    refused = results.loc["TDAD · score_topk=1.5"]
+    assert "score_topk must lie in [0, 1)" in refused["error"] and pd.isna(refused["pixel AUROC"])
     base, rescored = results.loc["TDAD"], results.loc["TDAD · score_topk=0.5"]
     for metric in ("pixel AUROC", "PRO"):
         assert rescored[metric] == pytest.approx(base[metric], abs=1e-6), metric

@@ -94,8 +94,9 @@ class SeededEpochs(Callback):
 
 
 class MapStatistics(Callback):
-    """Fit the map statistics of the current student on the training images before every validation and after
-    training (once per training step reached: a validation right after training does not refit again).
+    """Fit the map statistics of the current student on the training images before every validation, for every
+    checkpoint written and after training (once per training step reached: a validation right after training, or a
+    checkpoint right after a validation, does not refit again).
 
     The teacher features come from the model's teacher-feature cache when it holds every training image: when a
     whole training epoch in one process added no entry and none was left out for want of memory (so not after the
@@ -117,25 +118,35 @@ class MapStatistics(Callback):
         """Score with the statistics of the student being validated."""
         self.fit(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Fit the statistics of the epoch's student for the checkpoint written at its end (after an epoch that did
-        not validate; see :class:`ValidationCadence`): a checkpoint's statistics are always those of its weights."""
-        if trainer.checkpoint_callbacks:
-            self.fit(trainer, pl_module)
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Give a checkpoint the statistics of its weights, also one written without a validation before it (an
+        epoch the cadence skips, see :class:`ValidationCadence`, or a step-based checkpoint): only checkpoints that
+        are written cost a refit."""
+        if trainer.state.fn != TrainerFn.FITTING or not self.fit(trainer, pl_module):
+            return
+        state = checkpoint["state_dict"]
+        statistics = pl_module.model.anomaly_map_generator.statistics
+        prefix = next(name for name, module in pl_module.named_modules() if module is statistics)
+        state.update({f"{prefix}.{name}": value for name, value in statistics.state_dict().items()})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fit the statistics of the final student (if no validation followed the last step)."""
         self.fit(trainer, pl_module)
 
-    def fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refit, unless the model does not standardize its maps, there are no training images or nothing trained."""
+    def fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Refit, unless the model does not standardize its maps, there are no training images or nothing trained
+        since the last refit; True if it refitted."""
         model = pl_module.model
         if not model.anomaly_map_generator.standardize or trainer.train_dataloader is None:
-            return
-        if self._fitted_step != trainer.global_step:
-            reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
-            model.fit_statistics(self._cached_features(trainer, model) or self._images(trainer, pl_module), reduce)
-            self._fitted_step = trainer.global_step
+            return False
+        if self._fitted_step == trainer.global_step:
+            return False
+        reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
+        model.fit_statistics(self._cached_features(trainer, model) or self._images(trainer, pl_module), reduce)
+        self._fitted_step = trainer.global_step
+        return True
 
     def _cached_features(self, trainer: pl.Trainer, model: torch.nn.Module) -> Iterator[list[torch.Tensor]] | None:
         """The training images' teacher features from the cache when it holds all of them, else None."""
@@ -200,9 +211,18 @@ class ValidationCadence(Callback):
         if all(getattr(callback, "monitor", None) is None for callback in trainer.checkpoint_callbacks):
             trainer.check_val_every_n_epoch = 1
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validate every epoch from the last epoch on (Lightning reads the cadence after every batch)."""
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set the cadence of the first epoch: a run resumed in the middle of an epoch does not start it again."""
         del pl_module
+        self._epoch_cadence(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set the cadence of every epoch."""
+        del pl_module
+        self._epoch_cadence(trainer)
+
+    def _epoch_cadence(self, trainer: pl.Trainer) -> None:
+        """Validate every epoch from the last epoch on (Lightning reads the cadence after every batch)."""
         if self.every_n_epochs is None or trainer.max_epochs in (None, -1):
             return
         final = trainer.current_epoch + 1 >= trainer.max_epochs

@@ -1,7 +1,9 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
 import copy
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -376,6 +378,78 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
     with pytest.raises(RuntimeError, match="boom"):
         model.model.fit_statistics(broken())
     assert model.model.training  # the failed pass did not leave the model in eval mode
+
+
+def test_map_statistics_are_refitted_for_validations_and_written_checkpoints_only(tiny_root, tmp_path) -> None:
+    """Validated every 5 epochs over 4 epochs, checkpointed every second epoch: refits for the checkpoint after
+    epoch 2 and the final validation (its checkpoint reuses them), not after every epoch; each checkpoint holds the
+    statistics of its weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+    fitted: dict[int, torch.Tensor] = {}  # global step of each refit: the first level's std it gave
+    fit = model.model.fit_statistics
+
+    def counted_fit(*args: Any) -> None:
+        fit(*args)
+        fitted[trainer.global_step] = model.model.anomaly_map_generator.statistics.levels[0].std.clone()
+
+    model.model.fit_statistics = counted_fit
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=2, save_top_k=-1, filename="{epoch}")
+    trainer = Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*model.configure_callbacks(), checkpoints],
+        max_epochs=4,
+        check_val_every_n_epoch=5,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=2))
+    assert list(fitted) == [4, 8]  # end of epoch 2 (checkpoint), end of epoch 4 (validation); 2 steps per epoch
+    for epoch, step in ((1, 4), (3, 8)):
+        state = torch.load(tmp_path / f"epoch={epoch}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        torch.testing.assert_close(state["model.anomaly_map_generator.statistics.levels.0.std"], fitted[step])
+    assert not torch.equal(fitted[4], fitted[8])
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")  # the case
+def test_a_run_resumed_in_its_last_epoch_from_a_step_checkpoint_still_validates(tiny_root, tmp_path) -> None:
+    """Lightning does not start a resumed epoch again: the final-epoch validation is set at the start of training."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Validations(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_validation_start(self, trainer: Trainer, pl_module: Tdad) -> None:
+            self.steps.append(trainer.global_step)
+
+    def fit(ckpt_path: Path | None = None) -> list[int]:
+        model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+        validations = Validations()
+        checkpoints = ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=5, save_top_k=-1)
+        trainer = Trainer(
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[*model.configure_callbacks(), checkpoints, validations],
+            max_epochs=3,
+            check_val_every_n_epoch=5,
+            limit_train_batches=4,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=2), ckpt_path=ckpt_path)
+        return validations.steps
+
+    assert fit() == [12]  # the last epoch validates: 3 epochs of 4 steps
+    checkpoint = (tmp_path / "checkpoints" / "epoch=2-step=10.ckpt").rename(tmp_path / "killed.ckpt")
+    shutil.rmtree(tmp_path / "checkpoints")
+    assert fit(checkpoint) == [12]  # resumed after the second of the last epoch's 4 steps
 
 
 def test_weights_to_download_wait_for_training_and_a_checkpoint_makes_them_unnecessary(

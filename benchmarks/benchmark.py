@@ -37,7 +37,8 @@ pixel AUROC, PRO (anomalib's ``AUPRO``, FPR limit 0.3) and, for MVTec-layout set
 defect type (``common.DefectTypeAUROC``: that folder's test images together with the good ones). Scores and maps
 are min-max scaled by a ``common.MinMaxPostProcessor``; both components are passed to each model as
 ``evaluator=`` and ``post_processor=``. Nothing of anomalib is patched or rebound. Writes to ``--output``
-(default ``results/benchmarks/<timestamp>-<config name>/``): ``config.yaml`` (the grid as run),
+(default ``results/benchmarks/<timestamp>-<config name>/``): ``config.yaml`` (the grid as run), ``run.json``
+(the command line's settings),
 ``results.csv`` (one row per job, rewritten after each), ``summary.csv`` and ``report.md`` (mean ± sample
 std over seeds per model and dataset, and the mean over datasets), ``metrics.png`` and ``heatmaps.png``.
 Exits 1 when any job failed (anomalib's own command exits 0 then), 2 when the config or its data is unusable.
@@ -77,13 +78,17 @@ import copy
 import gc
 import importlib
 import inspect
+import json
 import math
 import sys
 import tempfile
 import time
 import traceback
+import types
+import typing
+from collections import abc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -313,7 +318,7 @@ class Options:
     trainer: dict[str, Any] = field(default_factory=dict)
     openvino: tuple[str, ...] = ()
     track_every: int = 0
-    rescore: tuple[tuple[str, Any], ...] = ()  # (init_arg, value) pairs tested on each trained model
+    rescore: tuple[tuple[str, Any], ...] = ()  # (init_arg, values) tested on each trained model
 
 
 @dataclass
@@ -466,9 +471,8 @@ class Job:
         """A results row per ``--rescore`` value that ``trained``'s class takes: ``base`` (the job's columns
         without its metrics) with the rescored test's. A rescore that fails is a failed row, not a failed job."""
         rows = []
-        for key, value in self.options.rescore:
-            if key not in inspect.signature(type(trained)).parameters:
-                continue
+        pairs = [(key, value) for key, values in self.options.rescore for value in rescore_values(trained, key, values)]
+        for key, value in pairs:
             row = {**base, "model": f"{self.label} · {key}={value}"}
             try:
                 row |= {"status": "ok", **self.rescore(trained, types, datamodule, key, value)}
@@ -481,11 +485,12 @@ class Job:
     def rescore(
         self, trained: AnomalibModule, types: Sequence[str], datamodule: AnomalibDataModule, key: str, value: Any
     ) -> dict[str, Any]:
-        """The test scores of ``trained``'s network (``model``: its weights and fitted state) in the job's model
-        built with ``key=value``: an inference setting (e.g. TDAD's ``score_topk``, ``sigma``) screened without
-        training again. A validation fits the new model's post-processor first, as after training."""
+        """The test scores of ``trained``'s network (its weights and fitted state: TDAD's map statistics, a memory
+        bank and whether it is fitted) in the job's model built with ``key=value``: an inference setting (e.g. TDAD's
+        ``score_topk``, PatchCore's ``num_neighbors``) screened without training again. A validation fits the new
+        model's post-processor first, as after training."""
         model = self.model(types, **{key: value})
-        model.model.load_state_dict(trained.model.state_dict())
+        model.load_state_dict(trained.state_dict())
         quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
         with tempfile.TemporaryDirectory() as workdir:
             engine = Engine(**quiet, accelerator=self.accelerator, devices=1, default_root_dir=workdir)
@@ -845,7 +850,7 @@ def write_outputs(
     options: Options,
     command: Sequence[str],
     curve: pd.DataFrame | None = None,
-    merged: Sequence[Path] = (),
+    merged: dict[Path, str | None] | None = None,
 ) -> None:
     """``summary.csv``, ``metrics.png``, ``heatmaps.png`` and ``report.md`` from the results (and ``curve.png``
     from the validation metrics by epoch, with ``--track-every``)."""
@@ -858,7 +863,8 @@ def write_outputs(
     models = list(dict.fromkeys(summary.model)) if len(summary) else []
     sections = [setup_note(config_path, results, options)]
     if merged:
-        sections.insert(0, f"Merged from {len(merged)} runs: " + ", ".join(f"`{folder}`" for folder in merged) + ".")
+        runs = [f"`{folder}`" + (f" (config `{config}`)" if config else "") for folder, config in merged.items()]
+        sections.insert(0, f"Merged from {len(merged)} runs: " + ", ".join(runs) + ".")
     for metric in metrics:
         sections.append(f"## {metric}\n\n" + metric_table(summary, metric, models))
     if "fit_s_mean" in summary:
@@ -994,27 +1000,60 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+RUN_FILE = "run.json"  # what the command line set for a run's jobs: read back by --merge
+
+
 def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]) -> int:
-    """Write one report of earlier runs' output ``folders`` (``results.csv``, ``curve.csv`` if any, the first
-    run's ``config.yaml``) to ``output``; 2 when a folder is no run, a job appears twice or input sizes differ."""
+    """Write one report of earlier runs' output ``folders`` (``results.csv``, ``curve.csv`` if any) to ``output``.
+
+    A job (model, dataset, seed, accelerator) that failed in one run and finished in another is the finished one (a
+    rerun); 2 when a folder is no run, a job finished in two runs, or the runs differ in input size, image limits
+    or a model's epochs on a dataset.
+    """
     missing = [str(folder) for folder in folders if not (folder / "results.csv").is_file()]
     if missing:
         print("benchmark: no results.csv in\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
-    results = pd.concat([pd.read_csv(folder / "results.csv") for folder in folders], ignore_index=True)
+    runs = [json.loads(path.read_text()) if (path := folder / RUN_FILE).is_file() else {} for folder in folders]
+    frames = [pd.read_csv(folder / "results.csv").assign(run=index) for index, folder in enumerate(folders)]
+    results = pd.concat(frames, ignore_index=True)
     keys = ["model", "dataset", "seed", "accelerator"]
-    twice = results[results.duplicated(keys, keep=False)][keys].drop_duplicates()
+    done = results[results.status == "ok"]
+    twice = done[done.duplicated(keys, keep=False)][keys].drop_duplicates()
+    epochs = done.groupby(["model", "dataset"], sort=False).epochs.nunique()
     sizes = set(results.image_size.dropna().astype(str))
-    if len(twice) or len(sizes) > 1:
-        problem = f"jobs in more than one run: {twice.to_dict('records')}" if len(twice) else f"input sizes {sizes}"
-        print(f"benchmark: cannot merge, {problem}", file=sys.stderr)
+    limits = {(run.get("limit_train", 0), run.get("limit_test", 0)) for run in runs}
+    problems = [
+        f"jobs finished in more than one run: {twice.to_dict('records')}" if len(twice) else "",
+        f"input sizes {sizes}" if len(sizes) > 1 else "",
+        f"epochs differ for {[' on '.join(pair) for pair in epochs[epochs > 1].index]}" if (epochs > 1).any() else "",
+        f"image limits (--limit-train, --limit-test) {sorted(limits)}" if len(limits) > 1 else "",
+    ]
+    if any(problems):
+        print(f"benchmark: cannot merge, {'; '.join(p for p in problems if p)}", file=sys.stderr)
         return 2
-    curves = [pd.read_csv(folder / "curve.csv") for folder in folders if (folder / "curve.csv").is_file()]
+    # A failed job and its rerun: keep the finished row (or the last failure), in the order of the runs.
+    results["finished"] = results.status == "ok"
+    kept = results.sort_values(["finished", "run"]).drop_duplicates(keys, keep="last")
+    results = results.loc[sorted(kept.index)]
+    curves = []
+    for index, folder in enumerate(folders):
+        if (folder / "curve.csv").is_file():
+            curve = pd.read_csv(folder / "curve.csv")
+            jobs = results[results.run == index][keys]
+            curves.append(curve.merge(jobs, on=[k for k in keys if k in curve.columns]))
+    results = results.drop(columns=["run", "finished"])
     config_path = folders[0] / "config.yaml"
     config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     size = next(iter(sizes), "default")
     modes = [mode for mode, name in EXPORTS.items() if any(c.startswith(f"{name} · ") for c in results.columns)]
-    options = Options(image_size=None if size == "default" else int(float(size)), openvino=tuple(modes))
+    limit_train, limit_test = next(iter(limits))
+    options = Options(
+        image_size=None if size == "default" else int(float(size)),
+        limit_train=limit_train,
+        limit_test=limit_test,
+        openvino=tuple(modes),
+    )
     output = (output or common.REPO / "results" / "benchmarks" / f"{datetime.now():%Y%m%d-%H%M%S}-merged").resolve()
     output.mkdir(parents=True, exist_ok=True)
     results = results_table(results.to_dict("records"))
@@ -1023,22 +1062,47 @@ def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]
     if curve is not None:
         curve.to_csv(output / "curve.csv", index=False)
     command = [str(Path(__file__).resolve().relative_to(common.REPO)), *argv]
-    write_outputs(output, config, config_path, results, Heatmaps(), options, command, curve, merged=folders)
+    sources = {folder: run.get("config") for folder, run in zip(folders, runs, strict=True)}
+    write_outputs(output, config, config_path, results, Heatmaps(), options, command, curve, merged=sources)
     print(f"Wrote {output / 'report.md'}")
     return 0
 
 
 def rescorings(arguments: Sequence[str]) -> tuple[tuple[str, Any], ...]:
-    """The ``(key, value)`` pairs of ``--rescore KEY=VALUES`` arguments."""
+    """The ``(key, values)`` pairs of ``--rescore KEY=VALUES`` arguments, ``values`` read as YAML."""
     pairs = []
     for argument in arguments:
         key, sep, values = argument.partition("=")
         if not sep or not key.isidentifier():
             msg = f"--rescore {argument!r}: expected KEY=VALUES, e.g. score_topk=[0.001,0.01]."
             raise ConfigError(msg)
-        values = yaml.safe_load(values)
-        pairs += [(key, value) for value in (values if isinstance(values, list) else [values])]
+        pairs.append((key, yaml.safe_load(values)))
     return tuple(pairs)
+
+
+def rescore_values(model: AnomalibModule, key: str, values: Any) -> list[Any]:
+    """The values ``--rescore KEY=VALUES`` tests on ``model`` (none if its class does not take ``key``): one per item
+    of a list, except a list of plain values for an argument that takes a sequence, which is one value
+    (``level_weights=[0.5,1.0]``; two values: ``level_weights=[[1.0,0.5],[0.5,1.0]]``)."""
+    if key not in inspect.signature(type(model)).parameters:
+        return []
+    if not isinstance(values, list):
+        return [values]
+    try:
+        annotation = typing.get_type_hints(type(model).__init__).get(key)
+    except (NameError, TypeError):  # an annotation that does not resolve: read as no sequence
+        annotation = None
+    plain = not any(isinstance(value, list | dict) for value in values)
+    return [values] if plain and takes_sequence(annotation) else values
+
+
+def takes_sequence(annotation: Any) -> bool:
+    """Whether a type ``annotation`` admits a list or tuple (``Sequence[float] | None`` does, ``float`` does not)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(takes_sequence(arm) for arm in typing.get_args(annotation))
+    kind = origin or annotation
+    return isinstance(kind, type) and issubclass(kind, list | tuple | abc.Sequence) and not issubclass(kind, str)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1086,6 +1150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = (args.output or common.REPO / "results" / "benchmarks" / stamp).resolve()
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    run = {"config": str(args.config), **asdict(options)}
+    (output / RUN_FILE).write_text(json.dumps(run, indent=1, default=str), encoding="utf-8")
 
     results, heatmaps, curve = run_jobs(jobs, output)
     command = [str(Path(__file__).resolve().relative_to(common.REPO)), *argv]

@@ -175,8 +175,9 @@ def test_harness_scores_the_openvino_exports_as_the_torch_model(harness_run: Har
 
 
 def test_harness_merges_runs_into_one_report(harness: ModuleType, harness_run: HarnessRun, tmp_path: Path) -> None:
-    """``--merge``: two runs (here one run and a copy with another seed) reported as one, mean ± std over both; a
-    job in two runs is refused, as is a folder without results."""
+    """``--merge``: two runs (here one run and a copy with another seed) reported as one, mean ± std over both, each
+    run named with its config; a job finished in two runs is refused, as are a folder without results and runs
+    that differ in epochs or image limits; a failed job's finished rerun replaces it."""
     results = pd.read_csv(harness_run.output / "results.csv")
     other = tmp_path / "seed1"
     other.mkdir()
@@ -191,39 +192,67 @@ def test_harness_merges_runs_into_one_report(harness: ModuleType, harness_run: H
     assert summary.loc["TDAD", "runs"] == 2
     assert summary.loc["TDAD", "image AUROC_mean"] == pytest.approx(tdad["image AUROC"] - 0.05)
     assert summary.loc["TDAD", "pixel AUROC_mean"] == pytest.approx(tdad["pixel AUROC"])
-    assert "Merged from 2 runs" in (output / "report.md").read_text(encoding="utf-8")
+    report = (output / "report.md").read_text(encoding="utf-8")
+    assert f"Merged from 2 runs: `{harness_run.output}` (config `" in report and f"`{other}`." in report
     assert harness.main(["--merge", str(harness_run.output), str(harness_run.output), "--output", str(output)]) == 2
     assert harness.main(["--merge", str(tmp_path / "nothing"), "--output", str(output)]) == 2
     assert harness.main(["--output", str(output)]) == 2  # neither --config nor --merge
+
+    # The broken entry failed in the first run; a rerun that finished it merges, its row replacing the failure.
+    broken = results[results.status != "ok"]
+    assert len(broken) == 1
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    broken.assign(status="ok", error=float("nan"), **{"image AUROC": 0.5}).to_csv(rerun / "results.csv", index=False)
+    assert harness.main(["--merge", str(harness_run.output), str(rerun), "--output", str(output)]) == 0
+    merged = pd.read_csv(output / "results.csv")
+    assert len(merged) == len(results) and set(merged.status) == {"ok"}
+    # Runs that differ in a model's epochs or in their image limits are refused.
+    shifted.assign(epochs=shifted.epochs + 1).to_csv(other / "results.csv", index=False)
+    assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 2
+    shifted.to_csv(other / "results.csv", index=False)
+    (other / "run.json").write_text(json.dumps({"limit_train": 10, "limit_test": 0}), encoding="utf-8")
+    assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 2
 
 
 def test_harness_rescores_a_trained_model_without_training_it_again(
     harness: ModuleType, tiny_root: Path, tmp_path: Path
 ) -> None:
-    """``--rescore``: the trained TDAD tested again with another image score. Its maps are the trained model's
-    (pixel metrics equal: the weights and map statistics carried over); a key the model does not take adds no row; a
-    value it refuses is a failed row of its own, with no metrics, beside the trained model's results."""
-    config = tiny_config(tiny_root, [{"class_path": "Tdad"}], tmp_path / "tiny.yaml")
+    """``--rescore``: the trained TDAD tested again with another image score, PatchCore with another neighbour count.
+    Their maps are the trained models' (pixel metrics equal: the weights, map statistics and memory bank carried
+    over, PatchCore not fitted again); a key a model does not take adds no row; a value it refuses is a failed row
+    of its own, with no metrics, beside the trained model's results."""
+    patchcore = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "coreset_sampling_ratio": 0.1}
+    models = [{"class_path": "Tdad"}, {"class_path": "Patchcore", "init_args": patchcore}]
+    config = tiny_config(tiny_root, models, tmp_path / "tiny.yaml")
     output = tmp_path / "out"
     with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
         args = ["--config", str(config), "--image-size", "64", "--heatmaps", "0", "--output", str(output)]
-        code = harness.main([*args, "--rescore", "score_topk=[0.5,1.5]", "--rescore", "n_neighbors=3"])
+        code = harness.main([*args, "--rescore", "score_topk=[0.5,1.5]", "--rescore", "num_neighbors=1"])
     assert code == 1  # the refused value
     results = pd.read_csv(output / "results.csv").set_index("model")
-    assert results.index.tolist() == ["TDAD", "TDAD · score_topk=0.5", "TDAD · score_topk=1.5"]
-    assert results.status.tolist() == ["ok", "ok", "failed"]
+    tdad = ["TDAD", "TDAD · score_topk=0.5", "TDAD · score_topk=1.5"]
+    assert results.index.tolist() == [*tdad, "PatchCore", "PatchCore · num_neighbors=1"]
+    assert results.status.tolist() == ["ok", "ok", "failed", "ok", "ok"]
     refused = results.loc["TDAD · score_topk=1.5"]
     assert "score_topk must lie in [0, 1)" in refused["error"] and pd.isna(refused["pixel AUROC"])
-    base, rescored = results.loc["TDAD"], results.loc["TDAD · score_topk=0.5"]
-    for metric in ("pixel AUROC", "PRO"):
-        assert rescored[metric] == pytest.approx(base[metric], abs=1e-6), metric
-    assert 0.0 <= rescored["image AUROC"] <= 1.0
-    assert rescored["fit_s"] == base["fit_s"]  # the same fit, not a new one
+    for model, rescore in (("TDAD", "score_topk=0.5"), ("PatchCore", "num_neighbors=1")):
+        base, rescored = results.loc[model], results.loc[f"{model} · {rescore}"]
+        for metric in ("pixel AUROC", "PRO"):
+            assert rescored[metric] == pytest.approx(base[metric], abs=1e-6), (model, metric)
+        assert 0.0 <= rescored["image AUROC"] <= 1.0
+        assert rescored["fit_s"] == base["fit_s"]  # the same fit, not a new one
     summary = pd.read_csv(output / "summary.csv")
     assert "TDAD · score_topk=0.5" in set(summary.model)
     with pytest.raises(harness.ConfigError, match="expected KEY=VALUES"):
         harness.rescorings(["score_topk"])
-    assert harness.rescorings(["sigma=[2, 8]", "score_topk=0.01"]) == (("sigma", 2), ("sigma", 8), ("score_topk", 0.01))
+    assert harness.rescorings(["sigma=[2, 8]", "score_topk=0.01"]) == (("sigma", [2, 8]), ("score_topk", 0.01))
+    from anomalib_tdad import Tdad
+
+    trained = Tdad(pre_trained=False)  # a list holds values, unless the argument takes a list and its items are none
+    assert harness.rescore_values(trained, "sigma", [2, 8]) == [2, 8]
+    assert harness.rescore_values(trained, "level_weights", [0.5, 1.0]) == [[0.5, 1.0]]
+    assert harness.rescore_values(trained, "level_weights", [[1, 0.5], [0.5, 1]]) == [[1, 0.5], [0.5, 1]]
 
 
 def test_harness_tracks_validation_metrics_by_epoch(harness: ModuleType, tiny_root: Path, tmp_path: Path) -> None:

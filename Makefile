@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml anomalib_tdad/anomalib_tdad_startup.pth
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]" $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test,teachers]" $(TORCH)
 	touch $@
 
 setup: $(BIN)/.installed

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.seed import isolate_rng
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from anomalib_tdad.checks import check_datamodule, check_dataset_exists
@@ -118,18 +119,17 @@ class MapStatistics(Callback):
         """Score with the statistics of the student being validated."""
         self.fit(trainer, pl_module)
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Give a checkpoint the statistics of its weights, also one written without a validation before it (an
-        epoch the cadence skips, see :class:`ValidationCadence`, or a step-based checkpoint): only checkpoints that
-        are written cost a refit."""
-        if trainer.state.fn != TrainerFn.FITTING or not self.fit(trainer, pl_module):
+    def checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Give a checkpoint being written during fitting the statistics of its weights, also one written without a
+        validation before it (an epoch the cadence skips, see :class:`ValidationCadence`, or a step checkpoint):
+        only checkpoints that are written cost a refit. Not after an interruption or an error (the checkpoint keeps
+        the last statistics). Called by the model's ``on_save_checkpoint``, which Lightning also calls for
+        weights-only checkpoints (a callback's hook it skips for them)."""
+        if trainer.state.fn != TrainerFn.FITTING or trainer.interrupted or not self.fit(trainer, pl_module):
             return
-        state = checkpoint["state_dict"]
         statistics = pl_module.model.anomaly_map_generator.statistics
         prefix = next(name for name, module in pl_module.named_modules() if module is statistics)
-        state.update({f"{prefix}.{name}": value for name, value in statistics.state_dict().items()})
+        checkpoint["state_dict"].update({f"{prefix}.{name}": value for name, value in statistics.state_dict().items()})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fit the statistics of the final student (if no validation followed the last step)."""
@@ -144,7 +144,8 @@ class MapStatistics(Callback):
         if self._fitted_step == trainer.global_step:
             return False
         reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
-        model.fit_statistics(self._cached_features(trainer, model) or self._images(trainer, pl_module), reduce)
+        with isolate_rng():  # a pass over the images (a shuffled loader) must not move the training's random stream
+            model.fit_statistics(self._cached_features(trainer, model) or self._images(trainer, pl_module), reduce)
         self._fitted_step = trainer.global_step
         return True
 

@@ -1008,7 +1008,8 @@ def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]
 
     A job (model, dataset, seed, accelerator) that failed in one run and finished in another is the finished one (a
     rerun); 2 when a folder is no run, a job finished in two runs, or the runs differ in input size, image limits
-    or a model's epochs on a dataset.
+    (``run.json``; runs without one, from older versions, by the image counts of each dataset's jobs) or a model's
+    epochs on a dataset.
     """
     missing = [str(folder) for folder in folders if not (folder / "results.csv").is_file()]
     if missing:
@@ -1022,12 +1023,14 @@ def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]
     twice = done[done.duplicated(keys, keep=False)][keys].drop_duplicates()
     epochs = done.groupby(["model", "dataset"], sort=False).epochs.nunique()
     sizes = set(results.image_size.dropna().astype(str))
-    limits = {(run.get("limit_train", 0), run.get("limit_test", 0)) for run in runs}
+    limits = {(run["limit_train"], run["limit_test"]) for run in runs if "limit_train" in run}  # runs with run.json
+    images = done.groupby("dataset", sort=False)[["train_images", "test_images"]].nunique().max(axis=1)
     problems = [
         f"jobs finished in more than one run: {twice.to_dict('records')}" if len(twice) else "",
         f"input sizes {sizes}" if len(sizes) > 1 else "",
         f"epochs differ for {[' on '.join(pair) for pair in epochs[epochs > 1].index]}" if (epochs > 1).any() else "",
         f"image limits (--limit-train, --limit-test) {sorted(limits)}" if len(limits) > 1 else "",
+        f"the images used on {list(images[images > 1].index)}" if (images > 1).any() else "",
     ]
     if any(problems):
         print(f"benchmark: cannot merge, {'; '.join(p for p in problems if p)}", file=sys.stderr)
@@ -1047,7 +1050,7 @@ def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]
     config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     size = next(iter(sizes), "default")
     modes = [mode for mode, name in EXPORTS.items() if any(c.startswith(f"{name} · ") for c in results.columns)]
-    limit_train, limit_test = next(iter(limits))
+    limit_train, limit_test = next(iter(limits), (0, 0))
     options = Options(
         image_size=None if size == "default" else int(float(size)),
         limit_train=limit_train,
@@ -1090,8 +1093,8 @@ def rescore_values(model: AnomalibModule, key: str, values: Any) -> list[Any]:
         return [values]
     try:
         annotation = typing.get_type_hints(type(model).__init__).get(key)
-    except (NameError, TypeError):  # an annotation that does not resolve: read as no sequence
-        annotation = None
+    except (NameError, TypeError):  # some annotation does not resolve: this one as written, a string as no sequence
+        annotation = inspect.signature(type(model)).parameters[key].annotation
     plain = not any(isinstance(value, list | dict) for value in values)
     return [values] if plain and takes_sequence(annotation) else values
 

@@ -213,6 +213,9 @@ def test_harness_merges_runs_into_one_report(harness: ModuleType, harness_run: H
     shifted.to_csv(other / "results.csv", index=False)
     (other / "run.json").write_text(json.dumps({"limit_train": 10, "limit_test": 0}), encoding="utf-8")
     assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 2
+    (other / "run.json").unlink()  # a run without run.json (an older version's): its image counts tell
+    shifted.assign(train_images=shifted.train_images - 6).to_csv(other / "results.csv", index=False)
+    assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 2
 
 
 def test_harness_rescores_a_trained_model_without_training_it_again(

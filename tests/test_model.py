@@ -380,10 +380,13 @@ def test_map_statistics_pass_honours_limit_train_batches_and_restores_train_mode
     assert model.model.training  # the failed pass did not leave the model in eval mode
 
 
-def test_map_statistics_are_refitted_for_validations_and_written_checkpoints_only(tiny_root, tmp_path) -> None:
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_map_statistics_are_refitted_for_validations_and_written_checkpoints_only(
+    tiny_root, tmp_path, weights_only: bool
+) -> None:
     """Validated every 5 epochs over 4 epochs, checkpointed every second epoch: refits for the checkpoint after
     epoch 2 and the final validation (its checkpoint reuses them), not after every epoch; each checkpoint holds the
-    statistics of its weights."""
+    statistics of its weights, weights-only checkpoints too."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
@@ -395,7 +398,9 @@ def test_map_statistics_are_refitted_for_validations_and_written_checkpoints_onl
         fitted[trainer.global_step] = model.model.anomaly_map_generator.statistics.levels[0].std.clone()
 
     model.model.fit_statistics = counted_fit
-    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=2, save_top_k=-1, filename="{epoch}")
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path, every_n_epochs=2, save_top_k=-1, filename="{epoch}", save_weights_only=weights_only
+    )
     trainer = Trainer(
         logger=False,
         enable_progress_bar=False,
@@ -413,6 +418,38 @@ def test_map_statistics_are_refitted_for_validations_and_written_checkpoints_onl
         state = torch.load(tmp_path / f"epoch={epoch}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
         torch.testing.assert_close(state["model.anomaly_map_generator.statistics.levels.0.std"], fitted[step])
     assert not torch.equal(fitted[4], fitted[8])
+
+
+def test_step_checkpoints_do_not_change_what_is_trained(tiny_root, tmp_path) -> None:
+    """A checkpoint inside an epoch refits the statistics with a pass over the (shuffled) training images; the pass
+    must not move the random stream the epoch's remaining anomalies are drawn from."""
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def train(*callbacks: Callback) -> dict[str, torch.Tensor]:
+        seed_everything(0)
+        model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+        trainer = Trainer(
+            logger=False,
+            enable_checkpointing=bool(callbacks),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[*model.configure_callbacks(), *callbacks],
+            max_epochs=2,
+            check_val_every_n_epoch=5,
+            limit_train_batches=4,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=2))
+        return model.model.student.state_dict()
+
+    plain = train()
+    checkpointed = train(ModelCheckpoint(tmp_path / "steps", every_n_train_steps=1, save_top_k=-1))
+    assert len(list((tmp_path / "steps").glob("*.ckpt"))) == 8
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, msg=name)
 
 
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")  # the case

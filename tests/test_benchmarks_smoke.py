@@ -177,7 +177,7 @@ def test_harness_scores_the_openvino_exports_as_the_torch_model(harness_run: Har
 def test_harness_merges_runs_into_one_report(harness: ModuleType, harness_run: HarnessRun, tmp_path: Path) -> None:
     """``--merge``: two runs (here one run and a copy with another seed) reported as one, mean ± std over both, each
     run named with its config; a job finished in two runs is refused, as are a folder without results and runs
-    that differ in epochs or image limits; a failed job's finished rerun replaces it."""
+    that differ in epochs, model settings or image limits; a failed job's finished rerun replaces it."""
     results = pd.read_csv(harness_run.output / "results.csv")
     other = tmp_path / "seed1"
     other.mkdir()
@@ -210,6 +210,8 @@ def test_harness_merges_runs_into_one_report(harness: ModuleType, harness_run: H
     # Runs that differ in a model's epochs or in their image limits are refused.
     shifted.assign(epochs=shifted.epochs + 1).to_csv(other / "results.csv", index=False)
     assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 2
+    shifted.assign(**{"model.init_args.mask_patch_size": 32}).to_csv(other / "results.csv", index=False)
+    assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 2  # --init-arg
     shifted.to_csv(other / "results.csv", index=False)
     (other / "run.json").write_text(json.dumps({"limit_train": 10, "limit_test": 0}), encoding="utf-8")
     assert harness.main(["--merge", str(harness_run.output), str(other), "--output", str(output)]) == 2

@@ -11,7 +11,7 @@ import torch
 from anomalib.data import InferenceBatch
 from conftest import quiet_engine, tiny_datamodule
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from anomalib_tdad import Tdad
 from anomalib_tdad.models.tdad.corruption import Corruption
@@ -31,14 +31,15 @@ def untrained_tdad(**kwargs: Any) -> Tdad:
     return Tdad(backbone="resnet18", layers=BACKBONES["resnet18"], pre_trained=False, **kwargs)
 
 
-def quiet_trainer(model: Tdad, **kwargs: Any) -> Trainer:
-    """A Lightning trainer with ``model``'s own callbacks and no logger, checkpoints, progress bar or summary."""
+def quiet_trainer(model: Tdad, *callbacks: Callback, **kwargs: Any) -> Trainer:
+    """A Lightning trainer with ``model``'s own callbacks and ``callbacks``: no logger, progress bar or summary, and
+    no checkpoints unless one of ``callbacks`` writes them."""
     return Trainer(
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(callback, ModelCheckpoint) for callback in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=model.configure_callbacks(),
+        callbacks=[*model.configure_callbacks(), *callbacks],
         **kwargs,
     )
 
@@ -242,6 +243,7 @@ def test_hyper_parameters_are_saved_for_the_cli_and_checkpoints() -> None:
     assert model.hparams["backbone"] == "resnet18"
 
 
+@pytest.mark.filterwarnings("ignore:`max_epochs` was not set")  # the case under test: Lightning warns
 def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -> None:
     def epochs_trained(**trainer_kwargs: int) -> int:
         model = untrained_tdad(default_epochs=2)
@@ -387,8 +389,6 @@ def test_map_statistics_are_refitted_for_validations_and_written_checkpoints_onl
     """Validated every 5 epochs over 4 epochs, checkpointed every second epoch: refits for the checkpoint after
     epoch 2 and the final validation (its checkpoint reuses them), not after every epoch; each checkpoint holds the
     statistics of its weights, weights-only checkpoints too."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
     fitted: dict[int, torch.Tensor] = {}  # global step of each refit: the first level's std it gave
     fit = model.model.fit_statistics
@@ -401,11 +401,9 @@ def test_map_statistics_are_refitted_for_validations_and_written_checkpoints_onl
     checkpoints = ModelCheckpoint(
         dirpath=tmp_path, every_n_epochs=2, save_top_k=-1, filename="{epoch}", save_weights_only=weights_only
     )
-    trainer = Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[*model.configure_callbacks(), checkpoints],
+    trainer = quiet_trainer(
+        model,
+        checkpoints,
         max_epochs=4,
         check_val_every_n_epoch=5,
         limit_train_batches=2,
@@ -424,17 +422,13 @@ def test_step_checkpoints_do_not_change_what_is_trained(tiny_root, tmp_path) -> 
     """A checkpoint inside an epoch refits the statistics with a pass over the (shuffled) training images; the pass
     must not move the random stream the epoch's remaining anomalies are drawn from."""
     from lightning.pytorch import seed_everything
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     def train(*callbacks: Callback) -> dict[str, torch.Tensor]:
         seed_everything(0)
         model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
-        trainer = Trainer(
-            logger=False,
-            enable_checkpointing=bool(callbacks),
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[*model.configure_callbacks(), *callbacks],
+        trainer = quiet_trainer(
+            model,
+            *callbacks,
             max_epochs=2,
             check_val_every_n_epoch=5,
             limit_train_batches=4,
@@ -455,7 +449,6 @@ def test_step_checkpoints_do_not_change_what_is_trained(tiny_root, tmp_path) -> 
 @pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")  # the case
 def test_a_run_resumed_in_its_last_epoch_from_a_step_checkpoint_still_validates(tiny_root, tmp_path) -> None:
     """Lightning does not start a resumed epoch again: the final-epoch validation is set at the start of training."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Validations(Callback):
         def __init__(self) -> None:
@@ -468,11 +461,10 @@ def test_a_run_resumed_in_its_last_epoch_from_a_step_checkpoint_still_validates(
         model = untrained_tdad(pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
         validations = Validations()
         checkpoints = ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=5, save_top_k=-1)
-        trainer = Trainer(
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[*model.configure_callbacks(), checkpoints, validations],
+        trainer = quiet_trainer(
+            model,
+            checkpoints,
+            validations,
             max_epochs=3,
             check_val_every_n_epoch=5,
             limit_train_batches=4,

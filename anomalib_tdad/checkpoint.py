@@ -4,9 +4,11 @@ Without this check a checkpoint of another teacher fails deep inside ``load_stat
 of tensor shapes, or worse, loads with ``strict=False`` into the wrong network.
 """
 
+import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -67,14 +69,22 @@ def check_shapes(saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tens
         raise IncompatibleCheckpointError(msg)
 
 
-def _resolved(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """``layers=None`` as the levels it selects for the backbone, so both spellings of one network compare equal."""
-    from anomalib_tdad.models.tdad.teacher import select_layers
+def legacy_architecture(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``layers`` and ``embedding_dim`` a checkpoint of anomalib-tdad 0.1 to 0.4 left to the defaults of its
+    version, which it saved as ``None``: the levels at strides 8 and 16, and ``max(256, 2 * C_last)`` channels.
+    Empty for a checkpoint of a later version, which saves both as they were built."""
+    from anomalib_tdad.models.tdad.teacher import LEGACY_STRIDES, level_channels, select_layers
 
-    resolved = dict(hparams)
-    if resolved.get("layers", ()) is None and "backbone" in resolved:
-        resolved["layers"] = select_layers(resolved["backbone"], None)[0]
-    return resolved
+    backbone = hparams.get("backbone")
+    if backbone is None:
+        return {}
+    legacy: dict[str, Any] = {}
+    layers = hparams.get("layers")
+    if layers is None:
+        layers = legacy["layers"] = select_layers(backbone, None, LEGACY_STRIDES)[0]
+    if hparams.get("embedding_dim") is None:
+        legacy["embedding_dim"] = max(256, 2 * level_channels(backbone, layers)[-1])
+    return legacy
 
 
 _OLD_STATISTICS = re.compile(r"(?P<prefix>.*\.statistics\.)(?P<name>mean|std)_(?P<level>\d+)")
@@ -93,15 +103,24 @@ def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> None:
             state_dict[f"{match['prefix']}levels.{match['level']}.{match['name']}"] = state_dict.pop(key)
 
 
+def legacy_architecture_of(checkpoint_path: str | os.PathLike | IO) -> dict[str, Any]:
+    """:func:`legacy_architecture` of a checkpoint file (memory-mapped: its weights are not read); empty for a
+    stream or a URL, which cannot be read twice."""
+    if not isinstance(checkpoint_path, str | os.PathLike) or not Path(checkpoint_path).is_file():
+        return {}
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+    return legacy_architecture(checkpoint.get("hyper_parameters", {}))
+
+
 def check_checkpoint(
     checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
 ) -> None:
-    """Both checks on a Lightning checkpoint loaded into a model with ``hparams`` and ``state_dict``.
-
-    The model's own ``layers`` are best given as it resolved them; ``None`` would be resolved again here.
-    """
-    own = _resolved(hparams)
-    check_hyper_parameters(_resolved(checkpoint.get("hyper_parameters", {})), own)
+    """Both checks on a Lightning checkpoint loaded into a model with ``hparams`` (its ``layers`` and
+    ``embedding_dim`` as it built them) and ``state_dict``; an older checkpoint's defaults are read as the ones of its
+    version (:func:`legacy_architecture`)."""
+    own = dict(hparams)
+    saved = checkpoint.get("hyper_parameters", {})
+    check_hyper_parameters({**saved, **legacy_architecture(saved)}, own)
     check_shapes(
         checkpoint.get("state_dict", {}), state_dict, f"backbone {own.get('backbone')!r}, layers {own.get('layers')!r}"
     )

@@ -51,7 +51,7 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data"
 DEFAULT_CATEGORY = "magnetic_tile"
 
 TEACHER = "tf_efficientnet_lite0"
-TDAD_LAYERS = select_layers(TEACHER, None)[0]  # TDAD's and RD's: the package default (the stride-8/16 levels)
+TDAD_LAYERS = select_layers(TEACHER, None)[0]  # TDAD's and RD's: the package default (the stride-8/16/32 levels)
 PEER_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]  # strides 4, 8, 16 like a ResNet's layer1-3: STFPM and PaDiM
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # strides 8 and 16, as PatchCore's layer2 + layer3
 PADIM_FEATURES = 100  # of the 176 teacher channels (PaDiM keeps 100 of resnet18's 448)
@@ -133,20 +133,45 @@ class DefectTypeAUROC(AUROC):
         super().update(SimpleNamespace(**fields), *args, **kwargs)
 
 
-def main_metrics() -> list[AUROC | AUPRO]:
-    """Image AUROC, pixel AUROC and PRO (anomalib's AUPRO, FPR limit 0.3), fresh."""
+class RawScoreAUROC(AUROC):
+    """anomalib's AUROC of unscaled scores or maps: those of a validation, which the post-processor does not scale.
+
+    torchmetrics takes predictions outside [0, 1] for logits and applies a sigmoid, which in float32 is exactly 1
+    above about 16.6: the highest scores tie and AUROC changes (TDAD's standardized maps reach such values; on
+    KolektorSDD a validation read 0.870 where the test of the same model, on min-max scaled scores, read 0.885).
+    Here the predictions are first mapped into [0.05, 0.95] by ``0.5 + sign(x) log(1 + |x|) / 200``, strictly
+    increasing for every finite float32, so no sigmoid is applied and AUROC is that of the raw order.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.name = f"{kwargs.get('prefix', '')}AUROC"  # logged under AUROC's name
+
+    def update(self, batch: Any, *args: Any, **kwargs: Any) -> None:
+        """Update with the batch's predictions (the first of ``fields``) mapped into [0, 1], order kept."""
+        fields = {field: getattr(batch, field, None) for field in self.fields}
+        preds = fields[self.fields[0]]
+        if preds is not None:
+            fields[self.fields[0]] = 0.5 + torch.sign(preds) * torch.log1p(preds.abs()) / 200
+        super().update(SimpleNamespace(**fields), *args, **kwargs)
+
+
+def main_metrics(raw: bool = False) -> list[AUROC | AUPRO]:
+    """Image AUROC, pixel AUROC and PRO (anomalib's AUPRO, FPR limit 0.3), fresh; ``raw``: of unscaled scores and
+    maps (:class:`RawScoreAUROC`; AUPRO applies no sigmoid)."""
+    auroc = RawScoreAUROC if raw else AUROC
     return [
-        AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-        AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        auroc(fields=["pred_score", "gt_label"], prefix="image_"),
+        auroc(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
     ]
 
 
 def make_evaluator(types: Sequence[str] = (), validation: bool = False) -> Evaluator:
     """Test metrics of every benchmark: :func:`main_metrics` and the pixel AUROC of each of ``types``
-    (:class:`DefectTypeAUROC`); with ``validation``, the main metrics on the validation set too."""
+    (:class:`DefectTypeAUROC`); with ``validation``, the main metrics of the unscaled validation outputs too."""
     return Evaluator(
-        val_metrics=main_metrics() if validation else None,
+        val_metrics=main_metrics(raw=True) if validation else None,
         test_metrics=[*main_metrics(), *(DefectTypeAUROC(kind, strict=False) for kind in types)],
     )
 

@@ -445,6 +445,23 @@ def post_processed(post_processor: PostProcessor) -> tuple[ImageBatch, float, fl
     return batch, image.compute().item(), pixel.compute().item()
 
 
+def test_validation_auroc_is_that_of_the_raw_scores_also_above_sigmoid_saturation(common: ModuleType) -> None:
+    """Unscaled scores above about 16.6 all read 1 through torchmetrics' sigmoid (ties); the validation metric keeps
+    their order."""
+    scores = torch.tensor([17.0, 18.0, 19.0, 20.0, -3.0, 1e4])
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    batch = SimpleNamespace(pred_score=scores, gt_label=labels)
+    evaluator = common.make_evaluator(validation=True)
+    by_name = {metric.name: metric for metric in evaluator.val_metrics}
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"} == set(by_name)
+    by_name["image_AUROC"].update(batch)
+    expected = roc_auc_score(labels.numpy(), scores.numpy())
+    assert by_name["image_AUROC"].compute().item() == pytest.approx(expected)
+    plain = AUROC(fields=["pred_score", "gt_label"], prefix="image_")
+    plain.update(batch)
+    assert plain.compute().item() != pytest.approx(expected)  # the tie this metric avoids
+
+
 def test_min_max_post_processor_keeps_the_auroc_of_the_raw_scores(common: ModuleType) -> None:
     """The benchmarks' AUROC (anomalib's, on post-processed outputs) is the raw scores' (scikit-learn's).
 

@@ -154,7 +154,7 @@ def test_int8_export_matches_torch_within_quantization_error(
     reference, int8 = run_torch(trained.model, images), run_openvino(exported_int8, images)
     expected, actual = reference["pred_score"].ravel(), int8["pred_score"].ravel()
     maps, int8_maps = reference["anomaly_map"], int8["anomaly_map"].reshape(reference["anomaly_map"].shape)
-    masks = ground_truth_masks(trained.root, images.shape[-2:])
+    masks = ground_truth_masks(trained.root, maps.shape[-2:])  # at the model input size
     assert np.isfinite(actual).all() and np.isfinite(int8_maps).all()
     assert spearmanr(actual, expected).statistic >= 0.9
     assert np.abs(actual - expected).max() <= 0.15
@@ -205,11 +205,12 @@ def test_int8_export_of_a_fixed_input_size_calibrates_on_images_of_another_size(
 
 
 def ground_truth_masks(root: Path, size: tuple[int, int]) -> np.ndarray:
-    """The test images' defect masks (all-False for good images), in the order of ``test_images``."""
+    """The test images' defect masks at ``size`` (all-False for good images), in the order of ``test_images``."""
     masks = []
     for path in sorted((root / "brick" / "test").rglob("*.png")):
         mask = root / "brick" / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-        masks.append(np.asarray(Image.open(mask)) > 0 if mask.exists() else np.zeros(size, dtype=bool))
+        resized = Image.open(mask).resize(tuple(size[::-1]), Image.Resampling.NEAREST) if mask.exists() else None
+        masks.append(np.asarray(resized) > 0 if resized else np.zeros(size, dtype=bool))
     return np.stack(masks)
 
 

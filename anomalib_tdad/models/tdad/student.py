@@ -33,6 +33,15 @@ def embedding_stride(reductions: Sequence[int]) -> int:
     return max(EMBEDDING_STRIDE, max(reductions))
 
 
+def default_embedding_dim(channels: Sequence[int], reductions: Sequence[int]) -> int:
+    """Channels of the embedding when none are given: twice those of the coarsest level finer than the embedding
+    (RD4AD's 2048 for a WideResNet-50's 1024 at stride 16; of the coarsest level if none is finer), at least 256.
+    A level at the embedding's stride (e.g. stride 32) feeds the embedding without widening it."""
+    stride = embedding_stride(reductions)
+    finer = [width for width, reduction in zip(channels, reductions, strict=True) if reduction < stride]
+    return max(256, 2 * (finer[-1] if finer else channels[-1]))
+
+
 class Bottleneck(nn.Module):
     """Fuse the teacher's levels into one embedding at :func:`embedding_stride`.
 
@@ -93,14 +102,16 @@ class Decoder(nn.Module):
 
 
 class Student(nn.Module):
-    """Bottleneck and decoder for a teacher with the given per-level channels and strides."""
+    """Bottleneck and decoder for a teacher with the given per-level channels and strides (``embedding_dim=None``:
+    :func:`default_embedding_dim`)."""
 
     def __init__(self, channels: Sequence[int], reductions: Sequence[int], embedding_dim: int | None = None) -> None:
         super().__init__()
         if len(channels) != len(reductions) or not channels:
             msg = f"Need one stride per level, got channels={list(channels)} and reductions={list(reductions)}."
             raise ValueError(msg)
-        embedding_dim = embedding_dim or max(256, 2 * channels[-1])
+        self.embedding_dim = embedding_dim or default_embedding_dim(channels, reductions)
+        embedding_dim = self.embedding_dim
         self.bottleneck = Bottleneck(channels, reductions, embedding_dim)
         self.decoder = Decoder(embedding_dim, channels)
         self.to(memory_format=torch.channels_last)  # the teacher's layout (see Teacher)

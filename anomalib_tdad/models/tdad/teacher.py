@@ -14,8 +14,10 @@ from timm.layers import freeze_batch_norm_2d
 from timm.models import FeatureDictNet, FeatureHooks, FeatureListNet, load_pretrained
 from torch import nn
 
-# Strides of the levels TDAD distils by default: PatchCore's, and a ResNet's layer2/layer3.
-DEFAULT_STRIDES = (8, 16)
+# Strides of the levels TDAD distils by default: a ResNet's layer2, layer3 and layer4.
+DEFAULT_STRIDES = (8, 16, 32)
+# The default strides of anomalib-tdad 0.1 to 0.4 (PatchCore's), whose checkpoints saved them as ``layers=None``.
+LEGACY_STRIDES = (8, 16)
 # timm wraps most CNNs in these after loading their weights; their keys are renamed (``stages.0`` -> ``stages_0``).
 _WRAPPERS = (FeatureListNet, FeatureDictNet, FeatureHooks)
 
@@ -24,17 +26,19 @@ def _create(backbone: str, pretrained: bool = False, **kwargs: object) -> nn.Mod
     return timm.create_model(backbone, pretrained=pretrained, features_only=True, exportable=True, **kwargs)
 
 
-def select_layers(backbone: str, layers: Sequence[str] | None) -> tuple[list[str], list[int], bool]:
+def select_layers(
+    backbone: str, layers: Sequence[str] | None, strides: Sequence[int] = DEFAULT_STRIDES
+) -> tuple[list[str], list[int], bool]:
     """Names and ``out_indices`` of the teacher levels, and whether timm wraps this backbone.
 
-    ``layers=None`` picks the levels at :data:`DEFAULT_STRIDES` from the backbone's ``feature_info``.
+    ``layers=None`` picks the levels at ``strides`` (:data:`DEFAULT_STRIDES`) from the backbone's ``feature_info``.
     """
     with torch.device("meta"):
         listing = _create(backbone)
     names = listing.feature_info.module_name()
     if layers is None:
-        strides = listing.feature_info.reduction()
-        layers = [names[strides.index(stride)] for stride in DEFAULT_STRIDES if stride in strides]
+        reductions = listing.feature_info.reduction()
+        layers = [names[reductions.index(stride)] for stride in strides if stride in reductions]
     layers = list(layers)
     unknown = [layer for layer in layers if layer not in names]
     if unknown or len(layers) < 2:
@@ -43,12 +47,20 @@ def select_layers(backbone: str, layers: Sequence[str] | None) -> tuple[list[str
     return layers, [names.index(layer) for layer in layers], isinstance(listing, _WRAPPERS)
 
 
+def level_channels(backbone: str, layers: Sequence[str]) -> list[int]:
+    """Channels of the backbone's features at ``layers`` (read on the ``meta`` device)."""
+    with torch.device("meta"):
+        info = _create(backbone).feature_info
+    names, channels = info.module_name(), info.channels()
+    return [channels[names.index(layer)] for layer in layers]
+
+
 class Teacher(nn.Module):
     """Frozen timm CNN returning its features at ``layers`` (finest first), with frozen BatchNorm statistics.
 
     Args:
         backbone: Name of any timm CNN that supports ``features_only``.
-        layers: Teacher levels (``None``: those at strides 8 and 16).
+        layers: Teacher levels (``None``: those at strides 8, 16 and 32).
         pre_trained: Load ImageNet weights now (``False``: random weights; see :meth:`load_pretrained`).
     """
 

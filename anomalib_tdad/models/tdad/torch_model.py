@@ -35,11 +35,12 @@ class TdadModel(nn.Module):
     Args:
         backbone: Name of any timm CNN that supports ``features_only``.
         layers: Two or more teacher levels of increasing stride, e.g. ``("layer1", "layer2", "layer3")``
-            (``None``: the backbone's levels at strides 8 and 16).
+            (``None``: the backbone's levels at strides 8, 16 and 32).
         pre_trained: ImageNet weights for the teacher. Weights already on disk load at once; weights that
             must be downloaded load in :meth:`load_pending_weights` (at the start of training), so that
             loading a checkpoint, which holds them, never waits for the network.
-        embedding_dim: Channels of the student's bottleneck embedding (``None``: ``max(256, 2 * C_last)``).
+        embedding_dim: Channels of the student's bottleneck embedding (``None``: twice those of the coarsest
+            level below stride 32, at least 256; see :func:`~.student.default_embedding_dim`).
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         score_topk: Image score is the mean of this fraction of the highest map pixels (0: the maximum).
         standardize: Standardize each level's distance map with its per-position mean and standard deviation

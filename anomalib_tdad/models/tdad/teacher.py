@@ -7,6 +7,8 @@ classifier, so loading the full checkpoint as-is would warn about "unexpected ke
 """
 
 from collections.abc import Sequence
+from functools import cache
+from typing import NamedTuple
 
 import timm
 import torch
@@ -26,6 +28,26 @@ def _create(backbone: str, pretrained: bool = False, **kwargs: object) -> nn.Mod
     return timm.create_model(backbone, pretrained=pretrained, features_only=True, exportable=True, **kwargs)
 
 
+class _Listing(NamedTuple):
+    """What timm's ``feature_info`` says about a backbone's levels, and whether timm wraps its features model."""
+
+    names: tuple[str, ...]
+    reductions: tuple[int, ...]
+    channels: tuple[int, ...]
+    wrapped: bool
+
+
+@cache
+def _listing(backbone: str) -> _Listing:
+    """The levels of ``backbone``, read from a features model built on the ``meta`` device (once per backbone)."""
+    with torch.device("meta"):
+        model = _create(backbone)
+    info = model.feature_info
+    return _Listing(
+        tuple(info.module_name()), tuple(info.reduction()), tuple(info.channels()), isinstance(model, _WRAPPERS)
+    )
+
+
 def select_layers(
     backbone: str, layers: Sequence[str] | None, strides: Sequence[int] = DEFAULT_STRIDES
 ) -> tuple[list[str], list[int], bool]:
@@ -33,26 +55,22 @@ def select_layers(
 
     ``layers=None`` picks the levels at ``strides`` (:data:`DEFAULT_STRIDES`) from the backbone's ``feature_info``.
     """
-    with torch.device("meta"):
-        listing = _create(backbone)
-    names = listing.feature_info.module_name()
+    listing = _listing(backbone)
+    names = listing.names
     if layers is None:
-        reductions = listing.feature_info.reduction()
-        layers = [names[reductions.index(stride)] for stride in strides if stride in reductions]
+        layers = [names[listing.reductions.index(stride)] for stride in strides if stride in listing.reductions]
     layers = list(layers)
     unknown = [layer for layer in layers if layer not in names]
     if unknown or len(layers) < 2:
-        msg = f"Layers {layers} are not valid teacher levels of {backbone}; choose two or more of {names}."
+        msg = f"Layers {layers} are not valid teacher levels of {backbone}; choose two or more of {list(names)}."
         raise ValueError(msg)
-    return layers, [names.index(layer) for layer in layers], isinstance(listing, _WRAPPERS)
+    return layers, [names.index(layer) for layer in layers], listing.wrapped
 
 
 def level_channels(backbone: str, layers: Sequence[str]) -> list[int]:
     """Channels of the backbone's features at ``layers`` (read on the ``meta`` device)."""
-    with torch.device("meta"):
-        info = _create(backbone).feature_info
-    names, channels = info.module_name(), info.channels()
-    return [channels[names.index(layer)] for layer in layers]
+    listing = _listing(backbone)
+    return [listing.channels[listing.names.index(layer)] for layer in layers]
 
 
 class Teacher(nn.Module):

@@ -549,6 +549,8 @@ def test_offline_config_models_build_with_the_benchmark_components(
     }
     if RD_LABEL in weights:  # the RD stand-in: plain reverse distillation
         assert weights[RD_LABEL] == (1.0, 0.0, 0.0)
+    for label in {"TDAD", RD_LABEL} & set(models):  # at the package's default levels, not an older version's
+        assert models[label].model.layers == common.TDAD_LAYERS, label
     if config_name == "dev.yaml":
         assert models["PatchCore"].coreset_sampling_ratio == 0.1  # anomalib's default
         assert models["PaDiM"].model.n_features == 100

@@ -68,7 +68,9 @@ fits the post-processor's threshold and scaling) runs once, after the last epoch
 epochs, written to ``curve.csv``). ``--rescore KEY=VALUES`` tests each trained model again with an init_arg that
 only changes inference (TDAD's ``score_topk``, ``sigma``, ``level_weights``): the job's model is built with the
 value, takes the trained network's weights and fitted state (``model.load_state_dict``), validates (fitting its
-post-processor) and tests, as a row ``<model> · KEY=VALUE``.
+post-processor) and tests, as a row ``<model> · KEY=VALUE``. ``--save-models`` keeps each trained model's
+state dict in ``models/`` of the output; ``--from-models FOLDER`` then tests those models instead of training
+them (the same config: the jobs find their files by model, dataset and seed), e.g. to rescore them later.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -319,6 +322,8 @@ class Options:
     openvino: tuple[str, ...] = ()
     track_every: int = 0
     rescore: tuple[tuple[str, Any], ...] = ()  # (init_arg, values) tested on each trained model
+    save_models: Path | None = None  # folder for each trained model's state dict
+    from_models: Path | None = None  # folder of saved state dicts: load and test them instead of training
 
 
 @dataclass
@@ -347,6 +352,10 @@ class Job:
     def describe(self) -> dict[str, Any]:
         """The identifying columns of the job's results row."""
         return {"model": self.label, "dataset": self.dataset, "seed": self.seed, "accelerator": self.accelerator}
+
+    def model_file(self, folder: Path) -> Path:
+        """Where ``--save-models`` keeps this job's trained model and ``--from-models`` looks for it."""
+        return folder / (re.sub(r"[^\w.-]+", "_", f"{self.label}-{self.dataset}-seed{self.seed}").strip("_") + ".pt")
 
     def datamodule(self) -> AnomalibDataModule:
         """anomalib's datamodule of the job, set up and cut to ``--limit-train``/``--limit-test``."""
@@ -439,10 +448,19 @@ class Job:
                 callbacks=[ModelCheckpoint(save_top_k=0, save_last=False), *callbacks],
             )
             start = time.perf_counter()
-            engine.fit(model=model, datamodule=datamodule)
+            if self.options.from_models:
+                row["loaded_from"] = str(self.load(model, self.options.from_models))
+                engine.validate(model=model, datamodule=datamodule, verbose=False)  # fits the post-processor
+            else:
+                engine.fit(model=model, datamodule=datamodule)
             fitted = time.perf_counter()
             metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-            row |= {"fit_s": round(fitted - start, 1), "test_s": round(time.perf_counter() - fitted, 1)}
+            row |= {"test_s": round(time.perf_counter() - fitted, 1)}
+            if not self.options.from_models:
+                row["fit_s"] = round(fitted - start, 1)
+            if self.options.save_models:
+                self.options.save_models.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), self.model_file(self.options.save_models))
             rescored = self.rescored_rows(model, types, datamodule, base=dict(row))
             row |= metric_columns(metrics, types)
         if self.options.openvino:
@@ -464,6 +482,15 @@ class Job:
                 sheet = (names, images, masks, common.predict_maps(model, images))
         del engine, model
         return row, sheet, rescored
+
+    def load(self, model: AnomalibModule, folder: Path) -> Path:
+        """Load this job's saved state dict from ``folder`` into ``model``; returns its path."""
+        path = self.model_file(folder)
+        if not path.is_file():
+            msg = f"{self.label} · {self.dataset} · seed {self.seed}: no saved model {path} (run with --save-models)."
+            raise FileNotFoundError(msg)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return path
 
     def rescored_rows(
         self, trained: AnomalibModule, types: Sequence[str], datamodule: AnomalibDataModule, base: dict[str, Any]
@@ -583,8 +610,8 @@ def results_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     config = [column for column in frame.columns if column.startswith(("model.", "data."))]
     head = [*RESULT_COLUMNS[:5], *METRICS.values()]
     tail = [c for c in RESULT_COLUMNS if c not in head]
-    openvino = [column for column in ("openvino_s", "openvino_error") if column in frame.columns]
-    frame = frame.reindex(columns=[*head, *types, *exports, *tail, *openvino, *config])
+    optional = [column for column in ("openvino_s", "openvino_error", "loaded_from") if column in frame.columns]
+    frame = frame.reindex(columns=[*head, *types, *exports, *tail, *optional, *config])
     for column in ("seed", "epochs", "train_images", "test_images"):  # integers, blank for a failed job
         frame[column] = frame[column].astype("Int64")
     return frame
@@ -995,6 +1022,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "'<model> · KEY=VALUE' per value, for the models that take KEY (repeatable)",
     )
     parser.add_argument(
+        "--save-models",
+        action="store_true",
+        help="keep each trained model's state dict in models/ of the output (for --from-models)",
+    )
+    parser.add_argument(
+        "--from-models",
+        type=Path,
+        metavar="FOLDER",
+        help="test the models a run with --save-models kept in FOLDER (its models/) instead of training them; "
+        "with --rescore, inference settings screened on models trained earlier",
+    )
+    parser.add_argument(
         "--heatmaps", type=int, default=4, help="defective images per dataset in heatmaps.png (default 4; 0: none)"
     )
     return parser.parse_args(argv)
@@ -1141,6 +1180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         print(f"benchmark: {error}", file=sys.stderr)
         return 2
+    if args.from_models and not args.from_models.is_dir():
+        print(f"benchmark: --from-models {args.from_models}: no such folder", file=sys.stderr)
+        return 2
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{args.config.stem}"
+    output = (args.output or common.REPO / "results" / "benchmarks" / stamp).resolve()
     trainer = config.get("trainer") or {}
     options = Options(
         args.image_size,
@@ -1152,10 +1196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tuple(args.openvino),
         args.track_every,
         rescore,
+        output / "models" if args.save_models else None,
+        args.from_models.resolve() if args.from_models else None,
     )
     jobs = expand_jobs(config, options)
-    stamp = f"{datetime.now():%Y%m%d-%H%M%S}-{args.config.stem}"
-    output = (args.output or common.REPO / "results" / "benchmarks" / stamp).resolve()
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     run = {"config": str(args.config), **asdict(options)}

@@ -233,7 +233,9 @@ def test_harness_rescores_a_trained_model_without_training_it_again(
     output = tmp_path / "out"
     with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
         args = ["--config", str(config), "--image-size", "64", "--heatmaps", "0", "--output", str(output)]
-        code = harness.main([*args, "--rescore", "score_topk=[0.5,1.5]", "--rescore", "num_neighbors=1"])
+        code = harness.main(
+            [*args, "--rescore", "score_topk=[0.5,1.5]", "--rescore", "num_neighbors=1", "--save-models"]
+        )
     assert code == 1  # the refused value
     results = pd.read_csv(output / "results.csv").set_index("model")
     tdad = ["TDAD", "TDAD · score_topk=0.5", "TDAD · score_topk=1.5"]
@@ -249,6 +251,25 @@ def test_harness_rescores_a_trained_model_without_training_it_again(
         assert rescored["fit_s"] == base["fit_s"]  # the same fit, not a new one
     summary = pd.read_csv(output / "summary.csv")
     assert "TDAD · score_topk=0.5" in set(summary.model)
+
+    # --from-models: the saved models tested and rescored again, with the scores of the run that trained them.
+    again = tmp_path / "again"
+    with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
+        args = ["--config", str(config), "--image-size", "64", "--heatmaps", "0", "--output", str(again)]
+        assert harness.main([*args, "--from-models", str(output / "models"), "--rescore", "score_topk=[0.5]"]) == 0
+    loaded = pd.read_csv(again / "results.csv").set_index("model")
+    assert loaded.index.tolist() == ["TDAD", "TDAD · score_topk=0.5", "PatchCore"]
+    assert loaded.fit_s.isna().all() and loaded.loaded_from.str.endswith(".pt").all()
+    for model in loaded.index:
+        for metric in ("image AUROC", "pixel AUROC", "PRO"):
+            assert loaded.loc[model, metric] == pytest.approx(results.loc[model, metric], abs=1e-6), (model, metric)
+    for path in (output / "models").glob("PatchCore*.pt"):
+        path.unlink()
+    with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
+        assert harness.main([*args[:-1], str(tmp_path / "third"), "--from-models", str(output / "models")]) == 1
+    missing = pd.read_csv(tmp_path / "third" / "results.csv").set_index("model").loc["PatchCore"]
+    assert missing.status == "failed" and "no saved model" in missing.error and "--save-models" in missing.error
+    assert harness.main([*args, "--from-models", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(harness.ConfigError, match="expected KEY=VALUES"):
         harness.rescorings(["score_topk"])
     assert harness.rescorings(["sigma=[2, 8]", "score_topk=0.01"]) == (("sigma", [2, 8]), ("score_topk", 0.01))

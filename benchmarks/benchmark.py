@@ -174,6 +174,21 @@ def matching(entries: list[dict[str, Any]], name: str, label: Any = None) -> lis
     return exact or [entry for entry in entries if name.lower() in {model_name(entry).lower(), label(entry).lower()}]
 
 
+def split_override(override: str, labels: Sequence[str]) -> tuple[str, str, str, str]:
+    """``(name, key, "=", value)`` of an ``--init-arg NAME.KEY=VALUE``; ``sep`` is empty when there is no ``=``.
+
+    ``NAME`` may be an entry's label that holds ``=`` or ``.`` itself (``RD (TDAD λs=λd=0, same teacher)``): the
+    longest label followed by a dot is taken first, else ``NAME`` ends at the last dot before the first ``=``.
+    """
+    for label in sorted(labels, key=len, reverse=True):
+        if override.startswith(f"{label}."):
+            key, sep, value = override[len(label) + 1 :].partition("=")
+            return label, key, sep, value
+    target, sep, value = override.partition("=")
+    name, _, key = target.rpartition(".")
+    return name, key, sep, value
+
+
 def parse_value(text: str) -> Any:
     """A command-line value read as YAML (``0.01`` -> float, ``[a, b]`` -> list, ``none`` -> None)."""
     return yaml.safe_load(text)
@@ -218,9 +233,8 @@ def load_config(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             msg = f"--models {args.models}: no model entry of these classes or labels."
             raise ConfigError(msg)
     for override in args.init_arg:
-        target, sep, value = override.partition("=")
-        name, dot, key = target.rpartition(".")
-        if not (sep and dot and name and key):
+        name, key, sep, value = split_override(override, [model_label(entry) for entry in models])
+        if not (sep and name and key):
             msg = f"--init-arg expects CLASS_OR_LABEL.KEY=VALUE, got {override!r}."
             raise ConfigError(msg)
         chosen = matching(models, name)

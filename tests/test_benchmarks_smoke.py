@@ -540,6 +540,11 @@ def test_command_line_picks_models_and_sets_their_arguments(harness: ModuleType)
     exact = ["--config", "unused", "--models", "TDAD", "--init-arg", "TDAD.margin=0.2"]  # a label: that entry only
     config = harness.load_config(BENCHMARKS / "dev.yaml", harness.parse_args(exact))
     assert config["benchmark"]["model"] == {"class_path": "Tdad", "init_args": {"margin": 0.2}}
+    labelled = ["--config", "unused", "--models", RD_LABEL, "--init-arg", f"{RD_LABEL}.sigma=2"]  # "=" in the label
+    config = harness.load_config(BENCHMARKS / "dev.yaml", harness.parse_args(labelled))
+    assert config["benchmark"]["model"]["init_args"] == {"lambda_scd": 0.0, "lambda_dmd": 0.0, "sigma": 2}
+    with pytest.raises(harness.ConfigError, match=r"expects CLASS_OR_LABEL\.KEY=VALUE"):
+        harness.load_config(BENCHMARKS / "dev.yaml", harness.parse_args([*labelled[:4], "--init-arg", "Tdad.sigma"]))
 
 
 @pytest.mark.parametrize(

@@ -467,11 +467,10 @@ class Job:
                 engine.validate(model=model, datamodule=datamodule, verbose=False)  # fits the post-processor
             else:
                 engine.fit(model=model, datamodule=datamodule)
+                row["fit_s"] = round(time.perf_counter() - start, 1)
             fitted = time.perf_counter()
             metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-            row |= {"test_s": round(time.perf_counter() - fitted, 1)}
-            if not self.options.from_models:
-                row["fit_s"] = round(fitted - start, 1)
+            row["test_s"] = round(time.perf_counter() - fitted, 1)
             if self.options.save_models:
                 self.options.save_models.mkdir(parents=True, exist_ok=True)
                 torch.save(model.state_dict(), self.model_file(self.options.save_models))

@@ -253,11 +253,10 @@ def test_harness_rescores_a_trained_model_without_training_it_again(
     assert "TDAD · score_topk=0.5" in set(summary.model)
 
     # --from-models: the saved models tested and rescored again, with the scores of the run that trained them.
-    again = tmp_path / "again"
+    saved = ["--config", str(config), "--image-size", "64", "--heatmaps", "0", "--from-models", str(output / "models")]
     with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
-        args = ["--config", str(config), "--image-size", "64", "--heatmaps", "0", "--output", str(again)]
-        assert harness.main([*args, "--from-models", str(output / "models"), "--rescore", "score_topk=[0.5]"]) == 0
-    loaded = pd.read_csv(again / "results.csv").set_index("model")
+        assert harness.main([*saved, "--output", str(tmp_path / "again"), "--rescore", "score_topk=[0.5]"]) == 0
+    loaded = pd.read_csv(tmp_path / "again" / "results.csv").set_index("model")
     assert loaded.index.tolist() == ["TDAD", "TDAD · score_topk=0.5", "PatchCore"]
     assert loaded.fit_s.isna().all() and loaded.loaded_from.str.endswith(".pt").all()
     for model in loaded.index:
@@ -266,10 +265,10 @@ def test_harness_rescores_a_trained_model_without_training_it_again(
     for path in (output / "models").glob("PatchCore*.pt"):
         path.unlink()
     with torch_threads(int(os.environ.get("OMP_NUM_THREADS", "2"))):
-        assert harness.main([*args[:-1], str(tmp_path / "third"), "--from-models", str(output / "models")]) == 1
+        assert harness.main([*saved, "--output", str(tmp_path / "third")]) == 1
     missing = pd.read_csv(tmp_path / "third" / "results.csv").set_index("model").loc["PatchCore"]
     assert missing.status == "failed" and "no saved model" in missing.error and "--save-models" in missing.error
-    assert harness.main([*args, "--from-models", str(tmp_path / "nowhere")]) == 2
+    assert harness.main([*saved[:-1], str(tmp_path / "nowhere"), "--output", str(tmp_path / "fourth")]) == 2
     with pytest.raises(harness.ConfigError, match="expected KEY=VALUES"):
         harness.rescorings(["score_topk"])
     assert harness.rescorings(["sigma=[2, 8]", "score_topk=0.01"]) == (("sigma", [2, 8]), ("score_topk", 0.01))

@@ -15,6 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from anomalib_tdad import Tdad
+from anomalib_tdad.models.tdad import teacher as teacher_module
 from anomalib_tdad.models.tdad.corruption import Corruption
 from anomalib_tdad.models.tdad.torch_model import TdadModel
 
@@ -96,6 +97,31 @@ def test_the_teacher_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(timm, "create_model", counting)
     untrained_tdad()
     assert built.count("cpu") == 1
+
+
+def test_a_large_cpu_batch_runs_through_the_teacher_in_chunks_with_the_same_features(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls of at most ``CPU_CHUNK_PIXELS`` input pixels; the features equal one pass; exports see one call."""
+    model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False).eval()
+    calls: list[int] = []
+    hook = model.teacher.feature_extractor.register_forward_hook(lambda _, inputs, __: calls.append(len(inputs[0])))
+    images = torch.randn(5, 3, 64, 64)
+    whole = model.teacher(images)
+    monkeypatch.setattr(teacher_module, "CPU_CHUNK_PIXELS", 2 * 64 * 64 + 1)  # two 64-px images per call
+    chunked = model.teacher(images)
+    assert calls == [5, 2, 2, 1]
+    for one_pass, in_chunks in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(in_chunks, one_pass)
+        assert in_chunks.is_contiguous(memory_format=torch.channels_last)
+
+    hook.remove()  # it reads the batch size, which would fix it in the exported graph
+    batch = torch.export.Dim("batch", min=1, max=16)
+    exported = torch.export.export(model.teacher, (images,), dynamic_shapes=({0: batch},))
+    for size in (3, 7):  # a graph traced with chunks would have fixed the batch of 5
+        more = torch.randn(size, 3, 64, 64)
+        for graph, eager in zip(exported.module()(more), model.teacher(more), strict=True):
+            torch.testing.assert_close(graph, eager)
 
 
 def test_teacher_is_frozen_in_any_mode() -> None:

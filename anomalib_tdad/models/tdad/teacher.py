@@ -16,12 +16,18 @@ from timm.layers import freeze_batch_norm_2d
 from timm.models import FeatureDictNet, FeatureHooks, FeatureListNet, load_pretrained
 from torch import nn
 
+from .utils import exporting
+
 # Strides of the levels TDAD distils by default: a ResNet's layer2, layer3 and layer4.
 DEFAULT_STRIDES = (8, 16, 32)
 # The default strides of anomalib-tdad 0.1 to 0.4 (PatchCore's), whose checkpoints saved them as ``layers=None``.
 LEGACY_STRIDES = (8, 16)
 # timm wraps most CNNs in these after loading their weights; their keys are renamed (``stages.0`` -> ``stages_0``).
 _WRAPPERS = (FeatureListNet, FeatureDictNet, FeatureHooks)
+# Input pixels per teacher call on a CPU (8 images at 256 px). Past this, a batch's activations outgrow the CPU's
+# caches and every image costs more: on 2 AMD EPYC cores (32 MiB L3) the default teacher took 17-19 ms per 256-px
+# image in calls of 2-8 images and 30-36 ms in calls of 16-64 (docs/benchmarks.md).
+CPU_CHUNK_PIXELS = 8 * 256 * 256
 
 
 def _create(backbone: str, pretrained: bool = False, **kwargs: object) -> nn.Module:
@@ -117,8 +123,16 @@ class Teacher(nn.Module):
         else:
             self._load_matching_keys()
 
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.feature_extractor(images)
+        return list(features.values()) if isinstance(features, dict) else list(features)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Features at every level, finest first."""
-        features = self.feature_extractor(images.contiguous(memory_format=torch.channels_last))
-        return list(features.values()) if isinstance(features, dict) else list(features)
+        """Features at every level, finest first; on a CPU in calls of at most :data:`CPU_CHUNK_PIXELS` pixels."""
+        images = images.contiguous(memory_format=torch.channels_last)
+        chunk = max(1, CPU_CHUNK_PIXELS // (images.shape[-2] * images.shape[-1]))
+        if exporting() or images.device.type != "cpu" or len(images) <= chunk:
+            return self._features(images)
+        parts = [self._features(part) for part in images.split(chunk)]
+        return [torch.cat(level) for level in zip(*parts, strict=True)]

@@ -13,6 +13,7 @@ from .anomaly_map import AnomalyMapGenerator, image_score, level_distances
 from .feature_cache import FeatureCache
 from .student import Student, embedding_stride
 from .teacher import Teacher
+from .utils import exporting
 
 # Sums a tensor over the processes of a distributed run (e.g. Lightning's ``strategy.reduce``).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -145,7 +146,7 @@ class TdadModel(nn.Module):
         In training ``images`` are normal training images (their teacher features are cached) and
         ``corrupted`` their synthetic anomalies, if any.
         """
-        if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        if not exporting():
             self.check_input_size(images.shape[-2:])
         if self.weights_pending:
             msg = (

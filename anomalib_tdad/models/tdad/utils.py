@@ -1,4 +1,4 @@
-"""Small tensor helpers shared by the student and the anomaly map."""
+"""Small tensor helpers shared by the teacher, the student and the anomaly map."""
 
 from collections.abc import Sequence
 
@@ -11,3 +11,8 @@ def resize(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(tensor.shape[-2:]) == tuple(size):
         return tensor
     return F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def exporting() -> bool:
+    """Whether the forward pass is being traced, compiled or exported (its graph must not depend on the data)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()

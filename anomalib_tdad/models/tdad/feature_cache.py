@@ -16,6 +16,15 @@ from torch import nn
 Features = list[torch.Tensor]
 
 
+def stack(entries: list[Features]) -> Features:
+    """Per-image features stacked into one batch per level, in the teacher's ``channels_last`` layout (the same
+    numbers in another layout would take other convolution kernels in the student, which round differently)."""
+    return [
+        torch.stack([features[level] for features in entries]).contiguous(memory_format=torch.channels_last)
+        for level in range(len(entries[0]))
+    ]
+
+
 def digest(image: torch.Tensor) -> bytes:
     """A 128-bit digest of one image's shape, dtype and bytes."""
     key = hashlib.blake2b(repr((tuple(image.shape), str(image.dtype))).encode(), digest_size=16)
@@ -57,8 +66,7 @@ class FeatureCache:
         """Every entry, in the order stored, as batches of ``size`` (each level stacked)."""
         entries = list(self.entries.values())
         for start in range(0, len(entries), size):
-            chunk = entries[start : start + size]
-            yield [torch.stack([features[level] for features in chunk]) for level in range(len(chunk[0]))]
+            yield stack(entries[start : start + size])
 
     def active(self, images: torch.Tensor) -> bool:
         """Whether ``images`` are cached: CPU tensors outside autocast, with memory allowed for the cache."""
@@ -82,8 +90,7 @@ class FeatureCache:
                 self._add([keys[index] for index in missing], computed)
             for row, index in enumerate(missing):
                 per_image[index] = [level[row] for level in computed]
-        levels = len(per_image[0])
-        return [torch.stack([features[level] for features in per_image]) for level in range(levels)]
+        return stack(per_image)
 
     def _add(self, keys: list[bytes], features: Features) -> None:
         for row, key in enumerate(keys):

@@ -33,8 +33,9 @@ Usage (from the repository root)::
     python benchmarks/benchmark.py --merge results/benchmarks/run-a results/benchmarks/run-b  # e.g. per-seed runs
 
 Every job trains with anomalib's ``Engine`` and tests with an anomalib ``Evaluator`` that holds image AUROC,
-pixel AUROC, PRO (anomalib's ``AUPRO``, FPR limit 0.3) and, for MVTec-layout sets, the pixel AUROC of each
-defect type (``common.DefectTypeAUROC``: that folder's test images together with the good ones). Scores and maps
+pixel AUROC, PRO (anomalib's ``AUPRO``, FPR limit 0.3) and, for MVTec-layout sets, the pixel AUROC and PRO of
+each defect type (``common.DefectTypeAUROC``, ``common.DefectTypeAUPRO``: that folder's test images together with
+the good ones). Scores and maps
 are min-max scaled by a ``common.MinMaxPostProcessor``; both components are passed to each model as
 ``evaluator=`` and ``post_processor=``. Nothing of anomalib is patched or rebound. Writes to ``--output``
 (default ``results/benchmarks/<timestamp>-<config name>/``): ``config.yaml`` (the grid as run), ``run.json``
@@ -116,7 +117,8 @@ from tqdm.auto import tqdm
 from anomalib_tdad.export import check_nncf, predict_batch
 
 METRICS = common.METRICS  # anomalib's metric name -> report name
-TYPE_PREFIX = common.TYPE_PREFIX  # results.csv column of one defect type's pixel AUROC
+TYPE_PREFIXES = common.TYPE_PREFIXES  # metric -> prefix of the results.csv columns of one defect type's metric
+TYPE_COLUMNS = tuple(TYPE_PREFIXES.values())
 MODEL_KEYS = {"class_path", "init_args", "label", "max_epochs"}
 DATA_KEYS = {"class_path", "init_args", "label"}
 RESERVED_TRAINER_KEYS = {"accelerator", "devices", "default_root_dir", "callbacks", "check_val_every_n_epoch"}
@@ -541,9 +543,13 @@ class Job:
 
 
 def metric_columns(metrics: dict[str, Any], types: Sequence[str]) -> dict[str, float]:
-    """The results columns of a test's ``metrics``: the main ones and the pixel AUROC of each defect type."""
+    """The results columns of a test's ``metrics``: the main ones and the pixel AUROC and PRO of each defect type."""
     row = {label: float(metrics[key]) for key, label in METRICS.items() if key in metrics}
-    return row | {f"{TYPE_PREFIX}{kind}": float(metrics[f"pixel_AUROC[{kind}]"]) for kind in types}
+    return row | {
+        f"{prefix}{kind}": float(metrics[f"pixel_{metric}[{kind}]"])
+        for metric, prefix in TYPE_PREFIXES.items()
+        for kind in types
+    }
 
 
 def openvino_metrics(model: AnomalibModule, datamodule: AnomalibDataModule, mode: str) -> dict[str, float]:
@@ -616,9 +622,10 @@ RESULT_COLUMNS = [
 
 
 def results_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """The rows with the union of their columns: fixed ones first, then per-type AUROC, then the flat config."""
+    """The rows with the union of their columns: fixed ones first, then per-type AUROC and PRO, then the flat
+    config."""
     frame = pd.DataFrame(list(rows))
-    types = sorted(column for column in frame.columns if column.startswith(TYPE_PREFIX))
+    types = [c for prefix in TYPE_PREFIXES.values() for c in sorted(frame.columns) if c.startswith(prefix)]
     exports = [column for column in frame.columns if column.startswith(tuple(EXPORTS.values()))]
     config = [column for column in frame.columns if column.startswith(("model.", "data."))]
     head = [*RESULT_COLUMNS[:5], *METRICS.values()]
@@ -724,7 +731,8 @@ def summarize(results: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
         for model, group in summary.groupby("model", sort=False):
             if set(group.dataset) != set(datasets):
                 continue
-            means = {f"{c}_mean": group[f"{c}_mean"].mean() for c in columns if not c.startswith(TYPE_PREFIX)}
+            kept = [c for c in columns if not c.startswith(TYPE_COLUMNS)]
+            means = {f"{c}_mean": group[f"{c}_mean"].mean() for c in kept}
             stds = {f"{c}_std": math.nan for c in columns}
             rows.append({"dataset": MEAN_LABEL, "model": model, "runs": int(group.runs.min()), **means, **stds})
         summary = pd.concat([summary, pd.DataFrame(rows)], ignore_index=True)
@@ -747,18 +755,19 @@ def metric_table(summary: pd.DataFrame, column: str, models: Sequence[str], digi
     return common.markdown_table(["dataset", *models], rows)
 
 
-def type_tables(summary: pd.DataFrame) -> list[str]:
-    """Markdown: per dataset with defect types, a row per model and a column per type."""
+def type_tables(summary: pd.DataFrame, prefix: str) -> list[str]:
+    """Markdown: per dataset with defect types, a row per model and a column per type, of the metric whose
+    results columns start with ``prefix``."""
     sections = []
     for dataset in dict.fromkeys(summary.dataset):
         part = summary[summary.dataset == dataset]
         kinds = [
-            c.removeprefix(TYPE_PREFIX).removesuffix("_mean")
+            c.removeprefix(prefix).removesuffix("_mean")
             for c in part.columns
-            if c.startswith(TYPE_PREFIX) and c.endswith("_mean") and part[c].notna().any()
+            if c.startswith(prefix) and c.endswith("_mean") and part[c].notna().any()
         ]
         if kinds:
-            rows = [[row.model, *(_cell(row, TYPE_PREFIX + kind) for kind in kinds)] for _, row in part.iterrows()]
+            rows = [[row.model, *(_cell(row, prefix + kind) for kind in kinds)] for _, row in part.iterrows()]
             sections.append(f"**{dataset}**\n\n" + common.markdown_table(["model", *kinds], rows))
     return sections
 
@@ -895,7 +904,7 @@ def write_outputs(
     """``summary.csv``, ``metrics.png``, ``heatmaps.png`` and ``report.md`` from the results (and ``curve.png``
     from the validation metrics by epoch, with ``--track-every``)."""
     metrics = [m for m in METRICS.values() if m in results and results[m].notna().any()]
-    types = [column for column in results.columns if column.startswith(TYPE_PREFIX)]
+    types = [column for column in results.columns if column.startswith(TYPE_COLUMNS)]
     exports = [column for column in results.columns if column.startswith(tuple(EXPORTS.values()))]
     changes = add_export_changes(results, options.openvino)
     summary = summarize(results, [*metrics, "fit_s", *types, *exports, *changes])
@@ -915,12 +924,16 @@ def write_outputs(
         f"validation pass, on the device above. {common.METRICS_NOTE}"
         + (f" {common.RD_NOTE}" if common.RD_LABEL in models else "")
     )
-    by_type = type_tables(summary)
-    if by_type:
-        sections.append(
-            "## Pixel AUROC by defect type\n\nEach defect type's test images (its folder) together with the good "
-            "ones.\n\n" + "\n\n".join(by_type)
-        )
+    for metric, prefix in TYPE_PREFIXES.items():
+        if by_type := type_tables(summary, prefix):
+            name = prefix.removesuffix(" · ")
+            sections.append(
+                f"## {name} by defect type\n\nEach defect type's test images (its folder) together with the good "
+                "ones"
+                + (": every region of the type weighs the same." if metric == "AUPRO" else ".")
+                + "\n\n"
+                + "\n\n".join(by_type)
+            )
     if options.openvino and metrics:
         sections.append(export_section(results, options.openvino, metrics))
     if curve is not None and len(curve):

@@ -1,7 +1,8 @@
 """Code shared by the benchmark scripts (``benchmark.py``, ``speed.py``): the benchmark components, data, reports.
 
 - components passed to every benchmark model: :func:`make_evaluator` (anomalib's ``Evaluator`` with image and
-  pixel AUROC, PRO and :class:`DefectTypeAUROC` per defect type) and :class:`MinMaxPostProcessor`;
+  pixel AUROC, PRO, and per defect type :class:`DefectTypeAUROC` and :class:`DefectTypeAUPRO`) and
+  :class:`MinMaxPostProcessor`;
 - data: :func:`limit_datamodule` (fixed subsets for quick checks); ``speed.py``'s models on one teacher
   (:func:`build_model`) and MVTec-layout data (:class:`DataConfig`);
 - reports: run information (command, commit, device, threads, versions), Markdown tables, bar plots, heatmaps.
@@ -65,7 +66,8 @@ LABELS = {"tdad": "TDAD", "rd": RD_LABEL, "patchcore": "PatchCore", "stfpm": "ST
 CLASS_LABELS = {"Patchcore": "PatchCore", "Stfpm": "STFPM", "Padim": "PaDiM"}
 MEMORY_BANK = {"patchcore", "padim"}  # one fitting epoch, no gradient training
 METRICS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AUPRO": "PRO"}
-TYPE_PREFIX = "pixel AUROC · "  # results.csv columns: pixel AUROC of one defect type (its images + the good ones)
+# results.csv columns of one defect type (its images + the good ones): its pixel AUROC and its PRO, by metric key
+TYPE_PREFIXES = {"AUROC": "pixel AUROC · ", "AUPRO": "PRO · "}
 METRICS_NOTE = (
     "PRO is anomalib's AUPRO (FPR limit 0.3). Scores and maps are min-max scaled over the validation set "
     "(anomalib's default for MVTecAD and Kolektor: the test set) before the metrics, not centred on the threshold "
@@ -101,36 +103,53 @@ def defect_types(dataset: Any, good: str = "good") -> list[str]:
     return sorted(folders - {good}) if good in folders else []
 
 
-class DefectTypeAUROC(AUROC):
-    """anomalib's pixel AUROC over the test images of one defect type together with the normal (``good``) ones.
+def images_of_types(batch: Any, fields: Sequence[str], types: set[str]) -> SimpleNamespace | None:
+    """The ``fields`` of the batch's images whose folder (:func:`defect_type`) is one of ``types``; ``None`` if none."""
+    paths = getattr(batch, "image_path", None) or []
+    chosen = [index for index, path in enumerate(paths) if defect_type(path) in types]
+    if not chosen:
+        return None
+    fields_of = {}
+    for name in fields:
+        value = getattr(batch, name, None)
+        fields_of[name] = None if value is None else value[torch.as_tensor(chosen, device=value.device)]
+    return SimpleNamespace(**fields_of)
+
+
+class _OfDefectType:
+    """An anomalib pixel metric over the test images of one defect type together with the normal (``good``) ones.
 
     Images are grouped by their folder, the parent of ``image_path`` (MVTec AD layout: ``test/<type>/``): the
-    metric keeps the batch's images of type ``defect_type`` or ``good`` and passes those to anomalib's
-    ``AUROC``. It logs as ``pixel_AUROC[<type>]``. One instance per defect type goes into an ``Evaluator``.
+    metric keeps the batch's images of type ``defect_type`` or ``good`` and passes those to the anomalib metric it
+    is mixed into. It logs as ``pixel_<metric>[<type>]``. One instance per defect type goes into an ``Evaluator``.
     """
+
+    metric = ""
 
     def __init__(self, defect_type: str, good: str = "good", **kwargs: Any) -> None:
         kwargs.setdefault("fields", ["anomaly_map", "gt_mask"])
         kwargs.setdefault("prefix", "pixel_")
-        prefix = kwargs["prefix"]
         super().__init__(**kwargs)
-        self.defect_type, self.good = defect_type, good
-        self.name = f"{prefix}AUROC[{defect_type}]"
+        self.types = {defect_type, good}
+        self.name = f"{kwargs['prefix']}{self.metric}[{defect_type}]"
 
     def update(self, batch: Any, *args: Any, **kwargs: Any) -> None:
         """Update with the images of ``defect_type`` and ``good`` in ``batch`` (skipped when it has none)."""
-        chosen = [
-            index
-            for index, path in enumerate(getattr(batch, "image_path", None) or [])
-            if defect_type(path) in {self.defect_type, self.good}
-        ]
-        if not chosen:
-            return
-        fields = {}
-        for field in self.fields:
-            value = getattr(batch, field, None)
-            fields[field] = None if value is None else value[torch.as_tensor(chosen, device=value.device)]
-        super().update(SimpleNamespace(**fields), *args, **kwargs)
+        if (chosen := images_of_types(batch, self.fields, self.types)) is not None:
+            super().update(chosen, *args, **kwargs)
+
+
+class DefectTypeAUROC(_OfDefectType, AUROC):
+    """anomalib's pixel AUROC of one defect type's test images and the good ones (see :class:`_OfDefectType`)."""
+
+    metric = "AUROC"
+
+
+class DefectTypeAUPRO(_OfDefectType, AUPRO):
+    """anomalib's PRO (AUPRO, FPR limit 0.3) of one defect type's test images and the good ones: each region of that
+    type weighs the same, and the false-positive rate counts the normal pixels of those images."""
+
+    metric = "AUPRO"
 
 
 class RawScoreAUROC(AUROC):
@@ -168,11 +187,16 @@ def main_metrics(raw: bool = False) -> list[AUROC | AUPRO]:
 
 
 def make_evaluator(types: Sequence[str] = (), validation: bool = False) -> Evaluator:
-    """Test metrics of every benchmark: :func:`main_metrics` and the pixel AUROC of each of ``types``
-    (:class:`DefectTypeAUROC`); with ``validation``, the main metrics of the unscaled validation outputs too."""
+    """Test metrics of every benchmark: :func:`main_metrics` and the pixel AUROC and PRO of each of ``types``
+    (:class:`DefectTypeAUROC`, :class:`DefectTypeAUPRO`); with ``validation``, the main metrics of the unscaled
+    validation outputs too."""
     return Evaluator(
         val_metrics=main_metrics(raw=True) if validation else None,
-        test_metrics=[*main_metrics(), *(DefectTypeAUROC(kind, strict=False) for kind in types)],
+        test_metrics=[
+            *main_metrics(),
+            *(DefectTypeAUROC(kind, strict=False) for kind in types),
+            *(DefectTypeAUPRO(kind, strict=False) for kind in types),
+        ],
     )
 
 

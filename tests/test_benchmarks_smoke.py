@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from anomalib.data import ImageBatch
-from anomalib.metrics import AUROC
+from anomalib.metrics import AUPRO, AUROC
 from anomalib.post_processing import PostProcessor
 from conftest import run_command, torch_threads
 from sklearn.metrics import roc_auc_score
@@ -30,7 +30,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 RD_LABEL = "RD (TDAD λs=λd=0, same teacher)"
 MODEL_LABELS = ["TDAD", RD_LABEL, "PatchCore", "STFPM", "PaDiM"]
 METRICS = ["image AUROC", "pixel AUROC", "PRO"]
-TYPE_PREFIX = "pixel AUROC · "
+TYPE_PREFIXES = ("pixel AUROC · ", "PRO · ")
 MVTEC_CATEGORIES = {
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
     "toothbrush", "transistor", "wood", "zipper",
@@ -147,9 +147,10 @@ def test_harness_writes_a_row_per_job_with_pro_and_per_type_auroc(harness_run: H
     assert done.error.isna().all() and (done.epochs == 1).all() and (done.fit_s > 0).all()
     assert_scores(done, METRICS)
     defect_types = sorted(path.name for path in (tiny_root / "brick" / "test").iterdir() if path.name != "good")
-    by_type = [column.removeprefix(TYPE_PREFIX) for column in results.columns if column.startswith(TYPE_PREFIX)]
-    assert by_type == defect_types
-    assert_scores(done, [TYPE_PREFIX + kind for kind in defect_types])
+    for prefix in TYPE_PREFIXES:
+        by_type = [column.removeprefix(prefix) for column in results.columns if column.startswith(prefix)]
+        assert by_type == defect_types, prefix
+        assert_scores(done, [prefix + kind for kind in defect_types])
     assert results.loc[2, "model.class_path"] == "Padim"  # the job's flat config, as anomalib's rows have it
     summary = pd.read_csv(harness_run.output / "summary.csv")
     assert summary.model.tolist() == ["TDAD", "PatchCore"] and (summary.runs == 1).all()
@@ -356,32 +357,37 @@ def test_harness_refuses_missing_data_and_bad_configs_before_running(
     assert "distinct 'label:'" in capsys.readouterr().err
 
 
-def test_defect_type_auroc_scores_each_type_with_the_good_images(common: ModuleType) -> None:
+def test_defect_type_metrics_score_each_type_with_the_good_images(common: ModuleType) -> None:
     def batch(kind: str, inside: float) -> SimpleNamespace:
         masks = torch.zeros(2, 16, 16, dtype=torch.bool)
-        maps = torch.full((2, 16, 16), 0.2)  # post-processed maps lie in [0, 1]
+        maps = torch.linspace(0.1, 0.3, 2 * 16 * 16).reshape(2, 16, 16)  # post-processed maps lie in [0, 1]
         if kind != "good":
             masks[:, 4:8, 4:8] = True
             maps[:, 4:8, 4:8] = inside
         paths = [f"root/test/{kind}/{index}.png" for index in range(2)]
         return SimpleNamespace(anomaly_map=maps, gt_mask=masks, image_path=paths)
 
-    evaluator = common.make_evaluator(["found", "missed"])
+    evaluator = common.make_evaluator(["found", "faint"])
     by_name = {metric.name: metric for metric in evaluator.test_metrics}
-    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "pixel_AUROC[found]", "pixel_AUROC[missed]"} == set(by_name)
+    per_type = {f"pixel_{metric}[{kind}]" for metric in ("AUROC", "AUPRO") for kind in ("found", "faint")}
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", *per_type} == set(by_name)
     assert by_name["pixel_AUPRO"].fpr_limit == pytest.approx(0.3)
-    found, missed = by_name["pixel_AUROC[found]"], by_name["pixel_AUROC[missed]"]
-    batches = [batch("good", 0.0), batch("found", 1.0), batch("missed", 0.0), batch("good", 0.0)]
+    assert by_name["pixel_AUPRO[found]"].fpr_limit == pytest.approx(0.3)
+    batches = [batch("good", 0.0), batch("found", 1.0), batch("faint", 0.25), batch("good", 0.0)]
     for item in batches:
-        found.update(item)
-        missed.update(item)
-    assert found.compute().item() == pytest.approx(1.0)
-    assert missed.compute().item() == pytest.approx(0.0)
-    # the same as scikit-learn over that type's images and the good ones
-    chosen = [item for item in batches if item.image_path[0].split("/")[2] in {"good", "found"}]
-    maps = torch.cat([item.anomaly_map for item in chosen]).flatten()
-    masks = torch.cat([item.gt_mask for item in chosen]).flatten()
-    assert found.compute().item() == pytest.approx(roc_auc_score(masks.numpy(), maps.numpy()))
+        for name in per_type:
+            by_name[name].update(item)
+    for metric in ("AUROC", "AUPRO"):
+        assert by_name[f"pixel_{metric}[found]"].compute().item() == pytest.approx(1.0), metric
+        assert 0.05 < by_name[f"pixel_{metric}[faint]"].compute().item() < 0.95, metric
+    # the same as scikit-learn's AUROC and anomalib's AUPRO over that type's images and the good ones
+    chosen = [item for item in batches if item.image_path[0].split("/")[2] in {"good", "faint"}]
+    maps, masks = torch.cat([item.anomaly_map for item in chosen]), torch.cat([item.gt_mask for item in chosen])
+    auroc = roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy())
+    assert by_name["pixel_AUROC[faint]"].compute().item() == pytest.approx(auroc)
+    pro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
+    pro.update(SimpleNamespace(anomaly_map=maps, gt_mask=masks))
+    assert by_name["pixel_AUPRO[faint]"].compute().item() == pytest.approx(pro.compute().item())
 
 
 def test_defect_types_need_a_good_folder(common: ModuleType) -> None:

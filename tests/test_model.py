@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from anomalib_tdad import Tdad
 from anomalib_tdad.models.tdad import teacher as teacher_module
+from anomalib_tdad.models.tdad import torch_model as torch_model_module
 from anomalib_tdad.models.tdad.corruption import Corruption
 from anomalib_tdad.models.tdad.torch_model import TdadModel
 
@@ -185,9 +186,10 @@ def test_bad_model_arguments_get_clear_errors(kwargs: dict, message: str) -> Non
         TdadModel(pre_trained=False, **kwargs)
 
 
-def test_training_steps_reduce_the_loss() -> None:
+@pytest.mark.parametrize("bf16_student", [False, True])
+def test_training_steps_reduce_the_loss(bf16_student: bool) -> None:
     torch.manual_seed(0)
-    model = untrained_tdad()
+    model = untrained_tdad(bf16_student=bf16_student)
     model.model.train()
     images = torch.randn(4, 3, 64, 64)
     optimizer = model.configure_optimizers()
@@ -201,6 +203,31 @@ def test_training_steps_reduce_the_loss() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize(("bf16_student", "native"), [(True, False), (False, True), (None, True), (None, False)])
+def test_the_student_trains_in_bf16_where_asked_and_hands_back_float32(
+    bf16_student: bool | None, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``None`` follows the CPU's native bf16 support; losses, statistics and inference always see float32."""
+    monkeypatch.setattr(torch_model_module, "native_bf16_cpu", lambda: native)
+    model = TdadModel("resnet18", BACKBONES["resnet18"], pre_trained=False, bf16_student=bf16_student).train()
+    dtypes: list[torch.dtype] = []
+    model.student.decoder.heads[0].register_forward_hook(lambda _, __, output: dtypes.append(output.dtype))
+    images = torch.randn(2, 3, 64, 64)
+    _, student = model(images)
+    wanted = bf16_student if bf16_student is not None else native
+    assert dtypes == [torch.bfloat16 if wanted else torch.float32]
+    assert all(level.dtype == torch.float32 for level in student)
+    model.fit_statistics([images])
+    with torch.no_grad():
+        output = model.eval()(images)
+    assert dtypes[1:] == [torch.float32, torch.float32]  # the statistics pass and inference
+    assert output.anomaly_map.dtype == torch.float32
+    if not wanted:  # an outer autocast (Lightning's precision="bf16-mixed") stays in force
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.train()(images)
+        assert dtypes[-1] == torch.bfloat16
 
 
 def test_plain_reverse_distillation_skips_the_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -706,7 +733,9 @@ def test_training_with_the_feature_cache_follows_training_without_it() -> None:
 
     def losses(cache_mb: int) -> list[float]:
         torch.manual_seed(0)
-        model = untrained_tdad(teacher_cache_mb=cache_mb, pre_processor=Tdad.configure_pre_processor(image_size=64))
+        model = untrained_tdad(  # float32: bf16 rounding would amplify the last digits that batch composition moves
+            teacher_cache_mb=cache_mb, pre_processor=Tdad.configure_pre_processor(image_size=64), bf16_student=False
+        )
         optimizer = model.configure_optimizers()
         values = []
         for _ in range(3):

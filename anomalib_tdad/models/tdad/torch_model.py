@@ -1,5 +1,6 @@
 """PyTorch model of TDAD: frozen timm teacher, reverse-distillation student, anomaly map."""
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import timm
@@ -13,7 +14,7 @@ from .anomaly_map import AnomalyMapGenerator, image_score, level_distances
 from .feature_cache import FeatureCache
 from .student import Student, embedding_stride
 from .teacher import Teacher
-from .utils import exporting
+from .utils import exporting, native_bf16_cpu
 
 # Sums a tensor over the processes of a distributed run (e.g. Lightning's ``strategy.reduce``).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -49,6 +50,9 @@ class TdadModel(nn.Module):
         level_weights: Weight of each level's map in the sum, finest first (``None``: all 1).
         teacher_cache_mb: Memory for the teacher features of normal training images, reused in later epochs and
             statistics passes on a CPU (see :class:`FeatureCache`; 0 switches it off).
+        bf16_student: Run the student's training forward pass (and so its backward pass) under bfloat16 autocast;
+            its outputs, the losses, the map statistics and inference stay float32 (``None``: on a CPU that
+            computes in bf16 natively, see :func:`~.utils.native_bf16_cpu`).
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class TdadModel(nn.Module):
         standardize: bool = True,
         level_weights: Sequence[float] | None = None,
         teacher_cache_mb: int = 1024,
+        bf16_student: bool | None = None,
     ) -> None:
         super().__init__()
         if not timm.is_model(backbone):
@@ -85,6 +90,7 @@ class TdadModel(nn.Module):
             levels=len(self.layers), sigma=sigma, standardize=standardize, level_weights=level_weights
         )
         self.score_topk = score_topk
+        self.bf16_student = bf16_student
         self.backbone = backbone
         # The student's embedding must be at least 2x2 (its BatchNorm fails on 1x1 maps when a batch holds
         # one image); the map's Gaussian blur pads by 4 sigma.
@@ -108,6 +114,12 @@ class TdadModel(nn.Module):
                 f"in the pre-processor, e.g. Tdad(pre_processor=Tdad.configure_pre_processor(image_size=(256, 256)))."
             )
             raise ValueError(msg)
+
+    def student_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast for the student's training pass where ``bf16_student`` asks for it; otherwise nothing,
+        which leaves an outer autocast (e.g. Lightning's ``precision="bf16-mixed"``) in force."""
+        wanted = self.bf16_student if self.bf16_student is not None else device.type == "cpu" and native_bf16_cpu()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
 
     @torch.no_grad()
     def fit_statistics(
@@ -165,7 +177,9 @@ class TdadModel(nn.Module):
                 teacher = [torch.cat(pair) for pair in zip(clean, changed, strict=True)]
             else:
                 teacher = self.teacher_cache(self.teacher, images)
-            return teacher, self.student(teacher)
+            with self.student_autocast(images.device):
+                student = self.student(teacher)
+            return teacher, [level.float() for level in student]
         teacher = self.teacher(images)
         student = self.student(teacher)
         anomaly_map = self.anomaly_map_generator(teacher, student, images.shape[-2:])

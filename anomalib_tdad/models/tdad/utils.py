@@ -1,6 +1,7 @@
 """Small tensor helpers shared by the teacher, the student and the anomaly map."""
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -16,3 +17,11 @@ def resize(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def exporting() -> bool:
     """Whether the forward pass is being traced, compiled or exported (its graph must not depend on the data)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+@cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions run
+    about twice as fast as float32 ones (elsewhere bf16 is emulated and no faster)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)

@@ -475,7 +475,7 @@ class Job:
             row["test_s"] = round(time.perf_counter() - fitted, 1)
             if self.options.save_models:
                 self.options.save_models.mkdir(parents=True, exist_ok=True)
-                torch.save(model.state_dict(), self.model_file(self.options.save_models))
+                torch.save(trained_state(model), self.model_file(self.options.save_models))
             rescored = self.rescored_rows(model, types, datamodule, base=dict(row))
             row |= metric_columns(metrics, types)
         if self.options.openvino:
@@ -504,7 +504,7 @@ class Job:
         if not path.is_file():
             msg = f"{self.label} · {self.dataset} · seed {self.seed}: no saved model {path} (run with --save-models)."
             raise FileNotFoundError(msg)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        load_trained_state(model, torch.load(path, map_location="cpu", weights_only=True))
         return path
 
     def rescored_rows(
@@ -532,7 +532,7 @@ class Job:
         ``score_topk``, PatchCore's ``num_neighbors``) screened without training again. A validation fits the new
         model's post-processor first, as after training."""
         model = self.model(types, **{key: value})
-        model.load_state_dict(trained.state_dict())
+        load_trained_state(model, trained_state(trained))
         quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
         with tempfile.TemporaryDirectory() as workdir:
             engine = Engine(**quiet, accelerator=self.accelerator, devices=1, default_root_dir=workdir)
@@ -540,6 +540,22 @@ class Job:
             engine.validate(model=model, datamodule=datamodule, verbose=False)
             metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
         return {"test_s": round(time.perf_counter() - start, 1), **metric_columns(metrics, types)}
+
+
+def trained_state(model: AnomalibModule) -> dict[str, torch.Tensor]:
+    """``model``'s state dict without its evaluator's, whose metric buffers are settings of the harness, not trained."""
+    return {key: value for key, value in model.state_dict().items() if not key.startswith("evaluator.")}
+
+
+def load_trained_state(model: AnomalibModule, state: dict[str, torch.Tensor]) -> None:
+    """Load a :func:`trained_state` (or a whole state dict, its evaluator's keys ignored) into ``model``: a model
+    saved before the harness's metrics changed still loads."""
+    state = {key: value for key, value in state.items() if not key.startswith("evaluator.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.startswith("evaluator.")]
+    if missing or unexpected:
+        msg = f"The saved model does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}."
+        raise RuntimeError(msg)
 
 
 def metric_columns(metrics: dict[str, Any], types: Sequence[str]) -> dict[str, float]:

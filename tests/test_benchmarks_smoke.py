@@ -281,6 +281,23 @@ def test_harness_rescores_a_trained_model_without_training_it_again(
     assert harness.rescore_values(trained, "level_weights", [[1, 0.5], [0.5, 1]]) == [[1, 0.5], [0.5, 1]]
 
 
+def test_saved_models_load_whatever_metrics_the_harness_had(harness: ModuleType, common: ModuleType) -> None:
+    """Saved models hold the trained state only: a model saved with other metrics (e.g. before per-type PRO) loads;
+    one of another network is refused."""
+    from anomalib_tdad import Tdad
+
+    model = Tdad(pre_trained=False, evaluator=common.make_evaluator(["crack"]))
+    state = harness.trained_state(model)
+    assert state and not any(key.startswith("evaluator.") for key in state)
+    older = {**state, "evaluator.test_metrics.9.fpr_limit": torch.tensor(0.3)}  # an earlier harness's metric
+    fresh = Tdad(pre_trained=False, evaluator=common.make_evaluator(["crack", "hole"]))
+    harness.load_trained_state(fresh, older)
+    for key, value in harness.trained_state(fresh).items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    with pytest.raises(RuntimeError, match="does not fit Tdad: missing"):
+        harness.load_trained_state(fresh, {key: value for key, value in state.items() if ".student." not in key})
+
+
 def test_harness_tracks_validation_metrics_by_epoch(harness: ModuleType, tiny_root: Path, tmp_path: Path) -> None:
     """``--track-every 1``: the metrics after each epoch, the last equal to the test's (anomalib's MVTecAD validates
     on its test set); a cadence must divide a model's epochs."""

@@ -15,6 +15,9 @@ With ``--stream-images N`` it also runs TDAD over a folder of N images (the test
 from disk batch by batch, records RSS after every batch (``stream.csv``, ``stream.png``) and reports whether
 memory stays flat.
 
+With ``--teacher-calls N ...`` it instead times the teacher alone in calls of N images at each ``--image-size``
+(the measurement behind the teacher's ``CPU_CHUNK_PIXELS``).
+
 With ``--fit-data`` it instead times the run a user makes, ``anomalib train --model Tdad`` with anomalib's
 default Engine (validation at the model's cadence, the datamodule's own batch size and workers), for
 ``--fit-epochs`` epochs, once per source checkout in ``--fit-versions`` (each in a fresh process, that
@@ -23,6 +26,7 @@ checkout first on ``PYTHONPATH``), and reports seconds per epoch and the ratio a
 Examples (a smoke run; this version against the one in ../old on KolektorSDD)::
 
     python benchmarks/speed.py --train-images 16 --infer-images 16 --image-size 128 --stream-images 200
+    python benchmarks/speed.py --teacher-calls 1 2 4 8 16 32 64 --image-size 128 256 512
     python benchmarks/speed.py --fit-epochs 10 --fit-versions ../old . \
         --fit-data '{"class_path": "Kolektor", "init_args": {"root": "../shared/data/kolektor"}}'
 """
@@ -63,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from anomalib_tdad.export import check_nncf
+from anomalib_tdad.models.tdad.teacher import CPU_CHUNK_PIXELS, Teacher
 
 MODELS = ["tdad", "patchcore", "patchcore-default-bank", "stfpm"]
 ANOMALIB_CORESET_RATIO = 0.1  # Patchcore's default coreset_sampling_ratio
@@ -373,6 +378,53 @@ def fit_versions(args: argparse.Namespace, output: Path) -> list[str]:
         "includes the validation (and map-statistics refit) that follows it, when there is one. Speed-up: the "
         "first version's seconds per epoch over this one's.",
         common.markdown_table([*columns, "validations × s", "speed-up"], cells),
+    ]
+
+
+def best_seconds(run: Callable[[], Any], repeats: int = REPEATS) -> float:
+    """Wall seconds of ``run()``, the best of ``repeats`` calls after one warm-up call."""
+    run()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _in_calls(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, per_call: int) -> list[Any]:
+    return [forward(part) for part in images.split(per_call)]
+
+
+@torch.inference_mode()
+def teacher_calls(args: argparse.Namespace, output: Path) -> list[str]:
+    """Milliseconds per image of the default teacher in calls of each ``--teacher-calls`` number of images (its timm
+    feature extractor), and of the package's ``Teacher``, which splits a CPU batch into calls of at most
+    ``CPU_CHUNK_PIXELS`` input pixels; at each ``--image-size``, over as many images as the largest call."""
+    torch.set_num_threads(args.threads)
+    teacher = Teacher(common.TEACHER, common.TDAD_LAYERS).eval()
+    count = max(args.teacher_calls)
+    rows = []
+    for size in args.image_size:
+        images = torch.randn(count, 3, size, size).contiguous(memory_format=torch.channels_last)
+        for calls in args.teacher_calls:
+            seconds = best_seconds(partial(_in_calls, teacher.feature_extractor, images, calls))
+            rows.append({"image_size": size, "images_per_call": str(calls), "ms_per_image": 1000 * seconds / count})
+        seconds = best_seconds(partial(teacher, images))
+        rows.append({"image_size": size, "images_per_call": "package Teacher", "ms_per_image": 1000 * seconds / count})
+    table = pd.DataFrame(rows)
+    table.to_csv(output / "teacher_calls.csv", index=False)
+    order = list(dict.fromkeys(table.images_per_call))
+    pivot = table.pivot(index="images_per_call", columns="image_size", values="ms_per_image").reindex(order)
+    cells = [[calls, *(f"{ms:.1f}" for ms in row)] for calls, row in pivot.iterrows()]
+    chunks = ", ".join(f"{max(1, CPU_CHUNK_PIXELS // (size * size))} at {size} px" for size in pivot.columns)
+    return [
+        f"Teacher `{common.TEACHER}` ({', '.join(common.TDAD_LAYERS)}), {count} random images per pass, "
+        f"{args.threads} torch thread(s), `torch.inference_mode`, `channels_last`; each cell the best of {REPEATS} "
+        f"passes. *package Teacher*: the package's teacher on the whole batch, which it splits into calls of at most "
+        f"`CPU_CHUNK_PIXELS` = {CPU_CHUNK_PIXELS} input pixels ({chunks} images).",
+        "## Milliseconds per image, by images per call\n\n"
+        + common.markdown_table(["images per call", *(f"{size} px" for size in pivot.columns)], cells),
     ]
 
 
@@ -740,6 +792,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fit-versions", type=Path, nargs="+", default=[Path()], help="source checkouts timed with --fit-data"
     )
+    parser.add_argument(
+        "--teacher-calls",
+        type=int,
+        nargs="+",
+        default=None,
+        help="time the teacher alone in calls of these many images",
+    )
     parser.add_argument("--fit-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -752,6 +811,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(user_fit(**json.loads(args.fit_child))))
         return 0
     output = common.setup_run(args, "speed")
+    if args.teacher_calls:
+        common.write_report(output / "report.md", "Teacher cost by images per call", teacher_calls(args, output))
+        print(f"Wrote {output / 'report.md'}")
+        return 0
     if args.fit_data:
         title = "TDAD: time of anomalib's default fit, version against version"
         common.write_report(output / "report.md", title, fit_versions(args, output))

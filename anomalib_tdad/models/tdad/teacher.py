@@ -24,10 +24,11 @@ DEFAULT_STRIDES = (8, 16, 32)
 LEGACY_STRIDES = (8, 16)
 # timm wraps most CNNs in these after loading their weights; their keys are renamed (``stages.0`` -> ``stages_0``).
 _WRAPPERS = (FeatureListNet, FeatureDictNet, FeatureHooks)
-# Input pixels per teacher call on a CPU (8 images at 256 px). Past this, a batch's activations outgrow the CPU's
-# caches and every image costs more: on 2 AMD EPYC cores (32 MiB L3) the default teacher took 17-19 ms per 256-px
-# image in calls of 2-8 images and 30-36 ms in calls of 16-64 (docs/benchmarks.md).
-CPU_CHUNK_PIXELS = 8 * 256 * 256
+# Input pixels per teacher call on a CPU (two 256-px images; one 512-px image, eight 128-px ones). Past this, a call's
+# activations outgrow the CPU's caches and every image costs more: on 2 AMD EPYC cores (32 MiB L3) the default
+# teacher took 14 ms per 256-px image in calls of 2 images, 17-19 ms in calls of 4-8 and 31-37 ms in calls of 16-64
+# (`benchmarks/speed.py --teacher-calls`, docs/benchmarks.md).
+CPU_CHUNK_PIXELS = 2 * 256 * 256
 
 
 def _create(backbone: str, pretrained: bool = False, **kwargs: object) -> nn.Module:

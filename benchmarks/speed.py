@@ -67,7 +67,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from anomalib_tdad.export import check_nncf
-from anomalib_tdad.models.tdad.teacher import CPU_CHUNK_PIXELS, Teacher
 
 MODELS = ["tdad", "patchcore", "patchcore-default-bank", "stfpm"]
 ANOMALIB_CORESET_RATIO = 0.1  # Patchcore's default coreset_sampling_ratio
@@ -401,6 +400,8 @@ def teacher_calls(args: argparse.Namespace, output: Path) -> list[str]:
     """Milliseconds per image of the default teacher in calls of each ``--teacher-calls`` number of images (its timm
     feature extractor), and of the package's ``Teacher``, which splits a CPU batch into calls of at most
     ``CPU_CHUNK_PIXELS`` input pixels; at each ``--image-size``, over as many images as the largest call."""
+    from anomalib_tdad.models.tdad.teacher import CPU_CHUNK_PIXELS, Teacher  # here: --fit-versions runs old versions
+
     torch.set_num_threads(args.threads)
     teacher = Teacher(common.TEACHER, common.TDAD_LAYERS).eval()
     count = max(args.teacher_calls)

@@ -542,17 +542,22 @@ class Job:
         return {"test_s": round(time.perf_counter() - start, 1), **metric_columns(metrics, types)}
 
 
+def _trained(key: str) -> bool:
+    """Whether a state-dict key is the model's own, not its evaluator's (metric buffers: settings of the harness)."""
+    return not key.startswith("evaluator.")
+
+
 def trained_state(model: AnomalibModule) -> dict[str, torch.Tensor]:
     """``model``'s state dict without its evaluator's, whose metric buffers are settings of the harness, not trained."""
-    return {key: value for key, value in model.state_dict().items() if not key.startswith("evaluator.")}
+    return {key: value for key, value in model.state_dict().items() if _trained(key)}
 
 
 def load_trained_state(model: AnomalibModule, state: dict[str, torch.Tensor]) -> None:
     """Load a :func:`trained_state` (or a whole state dict, its evaluator's keys ignored) into ``model``: a model
     saved before the harness's metrics changed still loads."""
-    state = {key: value for key, value in state.items() if not key.startswith("evaluator.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not key.startswith("evaluator.")]
+    own = {key: value for key, value in state.items() if _trained(key)}
+    missing, unexpected = model.load_state_dict(own, strict=False)
+    missing = [key for key in missing if _trained(key)]
     if missing or unexpected:
         msg = f"The saved model does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}."
         raise RuntimeError(msg)
@@ -943,6 +948,7 @@ def write_outputs(
     for metric, prefix in TYPE_PREFIXES.items():
         if by_type := type_tables(summary, prefix):
             name = prefix.removesuffix(" · ")
+            name = name[0].upper() + name[1:]
             sections.append(
                 f"## {name} by defect type\n\nEach defect type's test images (its folder) together with the good "
                 "ones"

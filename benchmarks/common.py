@@ -124,7 +124,7 @@ class _OfDefectType:
     is mixed into. It logs as ``pixel_<metric>[<type>]``. One instance per defect type goes into an ``Evaluator``.
     """
 
-    metric = ""
+    metric: str = ""
 
     def __init__(self, defect_type: str, good: str = "good", **kwargs: Any) -> None:
         kwargs.setdefault("fields", ["anomaly_map", "gt_mask"])
@@ -137,6 +137,9 @@ class _OfDefectType:
         """Update with the images of ``defect_type`` and ``good`` in ``batch`` (skipped when it has none)."""
         if (chosen := images_of_types(batch, self.fields, self.types)) is not None:
             super().update(chosen, *args, **kwargs)
+
+
+PRO_FPR_LIMIT = 0.3  # anomalib's AUPRO default, set explicitly: every PRO of the benchmarks integrates to it
 
 
 class DefectTypeAUROC(_OfDefectType, AUROC):
@@ -182,7 +185,7 @@ def main_metrics(raw: bool = False) -> list[AUROC | AUPRO]:
     return [
         auroc(fields=["pred_score", "gt_label"], prefix="image_"),
         auroc(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-        AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
+        AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=PRO_FPR_LIMIT),
     ]
 
 
@@ -195,7 +198,7 @@ def make_evaluator(types: Sequence[str] = (), validation: bool = False) -> Evalu
         test_metrics=[
             *main_metrics(),
             *(DefectTypeAUROC(kind, strict=False) for kind in types),
-            *(DefectTypeAUPRO(kind, strict=False) for kind in types),
+            *(DefectTypeAUPRO(kind, strict=False, fpr_limit=PRO_FPR_LIMIT) for kind in types),
         ],
     )
 

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, final
@@ -214,15 +214,8 @@ def images_per_second(
 
     The best pass is the one least disturbed by other processes on a shared machine (as ``timeit`` advises).
     """
-    forward(batches[0])
-    images = sum(len(batch) for batch in batches)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            forward(batch)
-        best = min(best, time.perf_counter() - start)
-    return images / best
+    seconds = best_seconds(partial(_each, forward, batches), repeats, warm_up=partial(forward, batches[0]))
+    return sum(len(batch) for batch in batches) / seconds
 
 
 def openvino_forward(model: Any, threads: int) -> Callable[[torch.Tensor], Any]:
@@ -380,9 +373,9 @@ def fit_versions(args: argparse.Namespace, output: Path) -> list[str]:
     ]
 
 
-def best_seconds(run: Callable[[], Any], repeats: int = REPEATS) -> float:
-    """Wall seconds of ``run()``, the best of ``repeats`` calls after one warm-up call."""
-    run()
+def best_seconds(run: Callable[[], Any], repeats: int = REPEATS, warm_up: Callable[[], Any] | None = None) -> float:
+    """Wall seconds of ``run()``, the best of ``repeats`` calls after one call of ``warm_up`` (default: ``run``)."""
+    (warm_up or run)()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
@@ -391,8 +384,9 @@ def best_seconds(run: Callable[[], Any], repeats: int = REPEATS) -> float:
     return best
 
 
-def _in_calls(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, per_call: int) -> list[Any]:
-    return [forward(part) for part in images.split(per_call)]
+def _each(forward: Callable[[Any], Any], inputs: Iterable[Any]) -> None:
+    for item in inputs:
+        forward(item)
 
 
 @torch.inference_mode()
@@ -409,7 +403,7 @@ def teacher_calls(args: argparse.Namespace, output: Path) -> list[str]:
     for size in args.image_size:
         images = torch.randn(count, 3, size, size).contiguous(memory_format=torch.channels_last)
         for calls in args.teacher_calls:
-            seconds = best_seconds(partial(_in_calls, teacher.feature_extractor, images, calls))
+            seconds = best_seconds(partial(_each, teacher.feature_extractor, images.split(calls)))
             rows.append({"image_size": size, "images_per_call": str(calls), "ms_per_image": 1000 * seconds / count})
         seconds = best_seconds(partial(teacher, images))
         rows.append({"image_size": size, "images_per_call": "package Teacher", "ms_per_image": 1000 * seconds / count})
@@ -498,14 +492,8 @@ def tdad_parts(model: AnomalibModule, batches: Sequence[torch.Tensor], repeats: 
     images = sum(len(batch) for batch in batches)
     times = {}
     for name, (forward, inputs) in parts.items():
-        forward(inputs[0])
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for item in inputs:
-                forward(item)
-            best = min(best, time.perf_counter() - start)
-        times[name] = 1000 * best / images
+        seconds = best_seconds(partial(_each, forward, inputs), repeats, warm_up=partial(forward, inputs[0]))
+        times[name] = 1000 * seconds / images
     return times
 
 
@@ -801,7 +789,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time the teacher alone in calls of these many images",
     )
     parser.add_argument("--fit-child", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.teacher_calls and min(args.teacher_calls) < 1:
+        parser.error("--teacher-calls: every number of images per call must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

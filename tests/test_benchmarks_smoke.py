@@ -693,6 +693,20 @@ def test_speed_times_anomalibs_default_fit_of_a_source_checkout(tiny_root: Path,
     assert_report(output / "report.md", ["default Engine, 2 epochs", "speed-up"])
 
 
+def test_speed_times_the_teacher_by_images_per_call(tmp_path: Path) -> None:
+    """``--teacher-calls``: the teacher alone per call size and the package's chunked teacher, at each size."""
+    output = tmp_path / "calls"
+    args = ["--teacher-calls", "1", "3", "--image-size", "32", "64", "--threads", "1", "--output", str(output)]
+    run_script("speed.py", *args, cwd=tmp_path)
+    calls = pd.read_csv(output / "teacher_calls.csv")
+    assert calls.image_size.tolist() == [32] * 3 + [64] * 3
+    assert calls.images_per_call.tolist() == ["1", "3", "package Teacher"] * 2
+    assert (calls.ms_per_image > 0).all()
+    assert_report(output / "report.md", ["Milliseconds per image, by images per call", "package Teacher"])
+    refused = run_script("speed.py", "--teacher-calls", "0", "--output", str(output), cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "at least 1" in refused.stderr
+
+
 @pytest.mark.slow
 def test_speed_times_the_openvino_exports(tiny_root: Path, tmp_path: Path) -> None:
     """The OpenVINO exports (f32 and INT8) alone take about a minute on 2 cores."""

@@ -187,13 +187,16 @@ class Tdad(AnomalibModule):
         return [*callbacks, *checks, SeededEpochs(), MapStatistics(), ValidationCadence()]
 
     def on_fit_start(self) -> None:
-        """Load teacher weights left to download; train ``default_epochs`` when no training length was set.
+        """Load teacher weights left to download; log the student's training precision; train ``default_epochs``
+        when no training length was set.
 
         The teacher-feature cache starts empty: a fit that failed never reached ``on_fit_end``, and its entries
         must not enter this fit's statistics.
         """
         self.model.load_pending_weights()
         self.model.teacher_cache.clear()
+        precision = "bfloat16" if self.model.student_in_bf16(self.device) else "float32 (or the trainer's precision)"
+        logger.info("TDAD trains its student in %s (bf16_student=%s).", precision, self.model.bf16_student)
         if self.trainer.fit_loop.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and self.trainer.max_steps == -1:
             logger.warning(
                 "No max_epochs given: TDAD trains %d epochs (set --trainer.max_epochs to change).", self.default_epochs

@@ -132,8 +132,10 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Features at every level, finest first; on a CPU in calls of at most :data:`CPU_CHUNK_PIXELS` pixels."""
         images = images.contiguous(memory_format=torch.channels_last)
+        if exporting() or images.device.type != "cpu":  # one call: a traced graph must not depend on the batch
+            return self._features(images)
         chunk = max(1, CPU_CHUNK_PIXELS // (images.shape[-2] * images.shape[-1]))
-        if exporting() or images.device.type != "cpu" or len(images) <= chunk:
+        if len(images) <= chunk:
             return self._features(images)
         parts = [self._features(part) for part in images.split(chunk)]
         return [torch.cat(level) for level in zip(*parts, strict=True)]

@@ -1,6 +1,5 @@
 """PyTorch model of TDAD: frozen timm teacher, reverse-distillation student, anomaly map."""
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 
 import timm
@@ -52,7 +51,7 @@ class TdadModel(nn.Module):
             statistics passes on a CPU (see :class:`FeatureCache`; 0 switches it off).
         bf16_student: Run the student's training forward pass (and so its backward pass) under bfloat16 autocast;
             its outputs, the losses, the map statistics and inference stay float32 (``None``: on a CPU that
-            computes in bf16 natively, see :func:`~.utils.native_bf16_cpu`).
+            computes in bf16 natively, see :func:`~.utils.native_bf16_cpu`; ``True`` on a GPU needs bf16 there).
     """
 
     def __init__(
@@ -115,11 +114,9 @@ class TdadModel(nn.Module):
             )
             raise ValueError(msg)
 
-    def student_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """bfloat16 autocast for the student's training pass where ``bf16_student`` asks for it; otherwise nothing,
-        which leaves an outer autocast (e.g. Lightning's ``precision="bf16-mixed"``) in force."""
-        wanted = self.bf16_student if self.bf16_student is not None else device.type == "cpu" and native_bf16_cpu()
-        return torch.autocast(device.type, dtype=torch.bfloat16) if wanted else contextlib.nullcontext()
+    def student_in_bf16(self, device: torch.device) -> bool:
+        """Whether the student's training pass on ``device`` runs under bfloat16 autocast (``bf16_student``)."""
+        return self.bf16_student if self.bf16_student is not None else device.type == "cpu" and native_bf16_cpu()
 
     @torch.no_grad()
     def fit_statistics(
@@ -177,9 +174,11 @@ class TdadModel(nn.Module):
                 teacher = [torch.cat(pair) for pair in zip(clean, changed, strict=True)]
             else:
                 teacher = self.teacher_cache(self.teacher, images)
-            with self.student_autocast(images.device):
+            if not self.student_in_bf16(images.device):  # an outer autocast (``precision="bf16-mixed"``) stays
+                return teacher, self.student(teacher)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
                 student = self.student(teacher)
-            return teacher, [level.float() for level in student]
+            return teacher, [level.float() for level in student]  # the losses compare in float32
         teacher = self.teacher(images)
         student = self.student(teacher)
         anomaly_map = self.anomaly_map_generator(teacher, student, images.shape[-2:])

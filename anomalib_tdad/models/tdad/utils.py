@@ -22,6 +22,10 @@ def exporting() -> bool:
 @cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions run
-    about twice as fast as float32 ones (elsewhere bf16 is emulated and no faster)."""
+    about twice as fast as float32 ones (elsewhere bf16 is emulated and no faster).
+
+    torch offers these checks only as private functions; should one go, this answers False (float32 training:
+    slower, nothing wrong).
+    """
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)

@@ -394,7 +394,8 @@ def teacher_calls(args: argparse.Namespace, output: Path) -> list[str]:
     """Milliseconds per image of the default teacher in calls of each ``--teacher-calls`` number of images (its timm
     feature extractor), and of the package's ``Teacher``, which splits a CPU batch into calls of at most
     ``CPU_CHUNK_PIXELS`` input pixels; at each ``--image-size``, over as many images as the largest call."""
-    from anomalib_tdad.models.tdad.teacher import CPU_CHUNK_PIXELS, Teacher  # here: --fit-versions runs old versions
+    # Imported here: --fit-versions runs old versions of the package, which lack these.
+    from anomalib_tdad.models.tdad.teacher import CPU_CHUNK_PIXELS, Teacher, images_per_call
 
     torch.set_num_threads(args.threads)
     teacher = Teacher(common.TEACHER, common.TDAD_LAYERS).eval()
@@ -412,7 +413,7 @@ def teacher_calls(args: argparse.Namespace, output: Path) -> list[str]:
     order = list(dict.fromkeys(table.images_per_call))
     pivot = table.pivot(index="images_per_call", columns="image_size", values="ms_per_image").reindex(order)
     cells = [[calls, *(f"{ms:.1f}" for ms in row)] for calls, row in pivot.iterrows()]
-    chunks = ", ".join(f"{max(1, CPU_CHUNK_PIXELS // (size * size))} at {size} px" for size in pivot.columns)
+    chunks = ", ".join(f"{images_per_call(size, size)} at {size} px" for size in pivot.columns)
     return [
         f"Teacher `{common.TEACHER}` ({', '.join(common.TDAD_LAYERS)}), {count} random images per pass, "
         f"{args.threads} torch thread(s), `torch.inference_mode`, `channels_last`; each cell the best of {REPEATS} "

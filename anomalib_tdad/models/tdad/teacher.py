@@ -31,6 +31,11 @@ _WRAPPERS = (FeatureListNet, FeatureDictNet, FeatureHooks)
 CPU_CHUNK_PIXELS = 2 * 256 * 256
 
 
+def images_per_call(height: int, width: int) -> int:
+    """Images of ``height`` x ``width`` px the teacher takes per call on a CPU: :data:`CPU_CHUNK_PIXELS`, at least 1."""
+    return max(1, CPU_CHUNK_PIXELS // (height * width))
+
+
 def _create(backbone: str, pretrained: bool = False, **kwargs: object) -> nn.Module:
     return timm.create_model(backbone, pretrained=pretrained, features_only=True, exportable=True, **kwargs)
 
@@ -134,7 +139,7 @@ class Teacher(nn.Module):
         images = images.contiguous(memory_format=torch.channels_last)
         if exporting() or images.device.type != "cpu":  # one call: a traced graph must not depend on the batch
             return self._features(images)
-        chunk = max(1, CPU_CHUNK_PIXELS // (images.shape[-2] * images.shape[-1]))
+        chunk = images_per_call(*images.shape[-2:])
         if len(images) <= chunk:
             return self._features(images)
         parts = [self._features(part) for part in images.split(chunk)]

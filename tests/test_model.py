@@ -1,6 +1,7 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
 import copy
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -268,10 +269,50 @@ def test_shading_anomalies_scale_the_images_own_pixels_inside_the_mask() -> None
     assert {bool(g.mean() > 1) for g in gains} == {True, False}  # brighter and darker both occur
 
 
+def test_scars_are_thin_strips_of_the_images_own_pixels_darkened_or_brightened() -> None:
+    torch.manual_seed(0)
+    corruption = Corruption(perlin_probability=0.0, mask_probability=0.0, scar_probability=1.0)
+    pixels = torch.rand(8, 3, 256, 256) * 0.4 + 0.3
+    corrupted, mask = corruption(pixels)
+    outside = (mask == 0).expand_as(pixels)
+    assert torch.equal(corrupted[outside], pixels[outside])
+    gains = []
+    for image, changed, scar in zip(pixels, corrupted, mask[:, 0], strict=True):
+        area = int(scar.sum())
+        rows, columns = torch.nonzero(scar, as_tuple=True)
+        extent = max(int(rows.max() - rows.min()), int(columns.max() - columns.min())) + 1
+        assert 0 < area <= 8 * 64 + 2 * (8 + 64)  # at most 8 by 64 px (plus rasterized edges) at 256 px
+        assert extent**2 >= 2 * area  # elongated: a strip, not a blob
+        gains.append(changed[:, scar > 0].mean() / image.mean())  # the fill's pixels: this image's, times a gain
+    assert all(abs(gain.log()) > math.log(1.15) for gain in gains)  # visible: shade_gain's 1.2-2x either way
+    assert {bool(gain > 1) for gain in gains} == {True, False}
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_no_scars_leave_the_corruption_unchanged() -> None:
+    """``scar_probability=0`` draws no random numbers: every default run is the run of earlier versions."""
+    images = torch.rand(4, 3, 64, 64)
+    results = []
+    for scars in ({}, {"scar_probability": 0.0}):
+        torch.manual_seed(0)
+        results.append(Corruption(**scars)(images))
+    assert all(torch.equal(first, second) for first, second in zip(*results, strict=True))
+    torch.manual_seed(0)
+    _, mask = Corruption(perlin_probability=0.0, mask_probability=0.0, scar_probability=0.5)(torch.rand(64, 3, 64, 64))
+    assert 16 < int((mask.flatten(1).amax(1) > 0).sum()) < 48  # about half the images
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [({"shade_ratio": 1.5}, "shade_ratio"), ({"shade_gain": (0.5, 2.0)}, "shade_gain")]
+    ("kwargs", "message"),
+    [
+        ({"shade_ratio": 1.5}, "shade_ratio"),
+        ({"shade_gain": (0.5, 2.0)}, "shade_gain"),
+        ({"scar_probability": -0.1}, "scar_probability"),
+        ({"scar_width": (4.0, 2.0)}, "scar_width"),
+        ({"scar_length": (0.0, 8.0)}, "scar_length"),
+    ],
 )
-def test_bad_shading_arguments_get_clear_errors(kwargs: dict, message: str) -> None:
+def test_bad_corruption_arguments_get_clear_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Corruption(**kwargs)
 

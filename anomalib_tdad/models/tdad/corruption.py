@@ -1,8 +1,9 @@
-"""Training-time corruption for the masked paradigm: Perlin anomalies plus masked patches.
+"""Training-time corruption for the masked paradigm: Perlin anomalies, thin scars and masked patches.
 
 Images arrive normalized by the pre-processor. They are brought back to pixel space, corrupted
-there (anomalib's :class:`PerlinAnomalyGenerator` for the synthetic anomalies, random patches
-replaced by noise for the masking) and normalized again. Nothing here runs at inference.
+there (anomalib's :class:`PerlinAnomalyGenerator` for the synthetic anomalies, optional thin scars in the
+manner of CutPaste-Scar, random patches replaced by noise for the masking) and normalized again. Nothing here
+runs at inference.
 """
 
 import math
@@ -32,6 +33,13 @@ class Corruption(nn.Module):
             inside the Perlin region (a gain drawn from ``shade_gain``, darker or brighter at random) instead
             of blending in a foreign texture: shading defects such as stains or uneven coating.
         shade_gain: Range of the brightness gain factor (and of its inverse, for darkening).
+        scar_probability: Probability that an image gets a thin scar: a rotated strip of ``scar_width`` by
+            ``scar_length`` pixels (at 256 px; scaled with the image's shorter side) filled with the image's own
+            pixels from elsewhere, darkened or brightened by a gain drawn from ``shade_gain`` (CutPaste-Scar's
+            idea, thinner and with a visible contrast): crack- and scratch-like defects, which the Perlin regions
+            and 16-px patches are too wide to imitate.
+        scar_width: Range of a scar's width, in pixels of a 256-px image.
+        scar_length: Range of a scar's length, in pixels of a 256-px image.
     """
 
     def __init__(
@@ -45,6 +53,9 @@ class Corruption(nn.Module):
         mask_patch_size: int = 16,
         shade_ratio: float = 0.0,
         shade_gain: tuple[float, float] = (1.2, 2.0),
+        scar_probability: float = 0.0,
+        scar_width: tuple[float, float] = (2.0, 8.0),
+        scar_length: tuple[float, float] = (16.0, 64.0),
     ) -> None:
         super().__init__()
         for name, value in {
@@ -52,6 +63,7 @@ class Corruption(nn.Module):
             "mask_probability": mask_probability,
             "mask_ratio": mask_ratio,
             "shade_ratio": shade_ratio,
+            "scar_probability": scar_probability,
         }.items():
             if not 0 <= value <= 1:
                 msg = f"{name} must lie in [0, 1], got {value}."
@@ -78,16 +90,49 @@ class Corruption(nn.Module):
             raise ValueError(msg)
         self.shade_ratio = shade_ratio
         self.shade_log_gain = (math.log(shade_gain[0]), math.log(shade_gain[1]))
+        for name, (low, high) in {"scar_width": scar_width, "scar_length": scar_length}.items():
+            if not 0 < low <= high:
+                msg = f"{name} must be a range (low, high) of pixels with 0 < low <= high, got {(low, high)}."
+                raise ValueError(msg)
+        self.scar_probability = scar_probability
+        self.scar_width = scar_width
+        self.scar_length = scar_length
+
+    def gains(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``(B, 1, 1, 1)`` brightness gains from ``shade_gain``, darkening or brightening at random."""
+        low, high = self.shade_log_gain
+        log_gain = low + (high - low) * torch.rand(batch, 1, 1, 1, device=device)
+        return torch.exp(torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, -log_gain, log_gain))
 
     def shade(self, pixels: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Turn a ``shade_ratio`` share of the Perlin anomalies into brightness changes of the image itself."""
         shape, device = (pixels.shape[0], 1, 1, 1), pixels.device
         chosen = (torch.rand(shape, device=device) < self.shade_ratio) & (mask.amax((1, 2, 3), keepdim=True) > 0)
-        low, high = self.shade_log_gain
-        log_gain = low + (high - low) * torch.rand(shape, device=device)
-        sign = torch.where(torch.rand(shape, device=device) < 0.5, -1.0, 1.0)
-        shaded = pixels * torch.exp(sign * log_gain * mask)
+        shaded = pixels * self.gains(pixels.shape[0], device) ** mask
         return torch.where(chosen, shaded, corrupted)
+
+    def scars(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw a thin scar on a ``scar_probability`` share of ``images`` (pixel space); return them and the mask."""
+        batch, _, height, width = images.shape
+        device, scale = images.device, min(height, width) / 256
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return low + (high - low) * torch.rand(batch, 1, 1, 1, device=device)
+
+        centre_y, centre_x = uniform(0, height), uniform(0, width)
+        angle = uniform(0, math.pi)
+        rows = torch.arange(height, device=device).view(1, 1, -1, 1) + 0.5 - centre_y
+        columns = torch.arange(width, device=device).view(1, 1, 1, -1) + 0.5 - centre_x
+        along = columns * angle.cos() + rows * angle.sin()
+        across = rows * angle.cos() - columns * angle.sin()
+        chosen = torch.rand(batch, 1, 1, 1, device=device) < self.scar_probability
+        mask = (along.abs() <= uniform(*self.scar_length) * scale / 2) & (
+            across.abs() <= uniform(*self.scar_width) * scale / 2
+        )
+        mask = (mask & chosen).to(images.dtype)
+        shift = (int(torch.randint(height, ())), int(torch.randint(width, ())))
+        fill = images.roll(shift, dims=(-2, -1)) * self.gains(batch, device)
+        return images * (1 - mask) + fill.clamp(0, 1) * mask, mask
 
     def mask_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace random square patches of some images by uniform noise."""
@@ -115,9 +160,13 @@ class Corruption(nn.Module):
             perlin_mask = torch.where(broken, torch.zeros_like(perlin_mask), perlin_mask)
         if self.shade_ratio > 0:
             corrupted = self.shade(pixels, corrupted, perlin_mask.to(pixels.dtype))
+        mask = perlin_mask.to(pixels.dtype)
+        if self.scar_probability > 0:
+            corrupted, scar_mask = self.scars(corrupted)
+            mask = torch.maximum(mask, scar_mask)
         corrupted, patch_mask = self.mask_patches(corrupted)
         corrupted = corrupted[:, : images.shape[1]].clamp(0, 1)
-        mask = torch.maximum(perlin_mask.to(patch_mask.dtype), patch_mask)
+        mask = torch.maximum(mask, patch_mask)
         # An image that drew no anomaly stays the very same tensor (not a rounded round trip through pixel space),
         # so the teacher-feature cache recognizes it.
         untouched = mask.flatten(1).amax(dim=1).view(-1, 1, 1, 1) == 0

@@ -79,6 +79,8 @@ class Tdad(AnomalibModule):
         mask_patch_size: Side of a masked patch in pixels of the model input.
         shade_ratio: Share of the Perlin anomalies that are brightness changes of the image's own pixels
             (shading defects) instead of a blended-in texture.
+        scar_probability: Share of training images given a thin scar (a crack- or scratch-like strip, 2-8 by
+            16-64 px at 256 px, of the image's own pixels darkened or brightened).
         embedding_dim: Channels of the student's bottleneck (``None``: twice those of the coarsest level below
             stride 32, at least 256: 256 for the default teacher).
         sigma: Gaussian smoothing of the anomaly map, in pixels.
@@ -121,6 +123,7 @@ class Tdad(AnomalibModule):
         mask_ratio: float = 0.1,
         mask_patch_size: int = 16,
         shade_ratio: float = 0.0,
+        scar_probability: float = 0.0,
         embedding_dim: int | None = None,
         sigma: float = 4.0,
         score_topk: float = 0.0,
@@ -165,6 +168,7 @@ class Tdad(AnomalibModule):
             mask_ratio=mask_ratio,
             mask_patch_size=mask_patch_size,
             shade_ratio=shade_ratio,
+            scar_probability=scar_probability,
         )
         self.learning_rate = learning_rate
         self.default_epochs = default_epochs

@@ -1,7 +1,6 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
 import copy
-import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -269,34 +268,55 @@ def test_shading_anomalies_scale_the_images_own_pixels_inside_the_mask() -> None
     assert {bool(g.mean() > 1) for g in gains} == {True, False}  # brighter and darker both occur
 
 
-def test_scars_are_thin_strips_of_the_images_own_pixels_darkened_or_brightened() -> None:
+def coordinate_images(batch: int, height: int, width: int) -> torch.Tensor:
+    """Images whose first two channels encode each pixel's row and column, and whose third is a constant 0.4."""
+    rows = 0.2 + 0.25 * (torch.arange(height) + 0.5) / height
+    columns = 0.2 + 0.25 * (torch.arange(width) + 0.5) / width
+    planes = [rows.view(-1, 1).expand(height, width), columns.view(1, -1).expand(height, width)]
+    return torch.stack([*planes, torch.full((height, width), 0.4)]).expand(batch, -1, -1, -1).clone()
+
+
+@pytest.mark.parametrize(("height", "width"), [(256, 256), (96, 200)])
+def test_scars_are_thin_strips_of_the_images_own_pixels_from_elsewhere_darkened_or_brightened(
+    height: int, width: int
+) -> None:
     torch.manual_seed(0)
     corruption = Corruption(perlin_probability=0.0, mask_probability=0.0, scar_probability=1.0)
-    pixels = torch.rand(8, 3, 256, 256) * 0.4 + 0.3
+    pixels = coordinate_images(8, height, width)
     corrupted, mask = corruption(pixels)
+    assert mask.dtype == torch.float32 and set(mask.unique().tolist()) == {0.0, 1.0}
     outside = (mask == 0).expand_as(pixels)
     assert torch.equal(corrupted[outside], pixels[outside])
-    gains = []
-    for image, changed, scar in zip(pixels, corrupted, mask[:, 0], strict=True):
-        area = int(scar.sum())
+    scale, shifts, gains = min(height, width) / 256, set(), []
+    for changed, scar in zip(corrupted, mask[:, 0] > 0, strict=True):
         rows, columns = torch.nonzero(scar, as_tuple=True)
-        extent = max(int(rows.max() - rows.min()), int(columns.max() - columns.min())) + 1
-        assert 0 < area <= 8 * 64 + 2 * (8 + 64)  # at most 8 by 64 px (plus rasterized edges) at 256 px
-        assert extent**2 >= 2 * area  # elongated: a strip, not a blob
-        gains.append(changed[:, scar > 0].mean() / image.mean())  # the fill's pixels: this image's, times a gain
-    assert all(abs(gain.log()) > math.log(1.15) for gain in gains)  # visible: shade_gain's 1.2-2x either way
+        area, extent = len(rows), max(int(rows.max() - rows.min()), int(columns.max() - columns.min())) + 1
+        assert 0 < area <= (8 * 64 + 2 * (8 + 64)) * scale**2  # at most 8 by 64 px (plus rasterized edges) at 256 px
+        assert extent**2 >= 2 * area  # a strip, not a blob
+        gain = changed[2, scar] / 0.4
+        assert gain.std() < 1e-5  # one gain per scar
+        gains.append(gain.mean())
+        source = (changed[:2, scar] / gain - 0.2) / 0.25 * torch.tensor([[height], [width]]) - 0.5
+        assert torch.allclose(source, source.round(), atol=1e-2)  # pixels of this image, from the grid
+        shift = (rows - source[0].round().long()) % height, (columns - source[1].round().long()) % width
+        shifts |= {(int(dy), int(dx)) for dy, dx in zip(*shift, strict=True)}
+    assert len(shifts) == 1 and shifts != {(0, 0)}  # moved from elsewhere, by one shift per batch
+    assert all(1.2 - 1e-4 <= max(gain, 1 / gain) <= 2 + 1e-4 for gain in gains)  # visible: shade_gain either way
     assert {bool(gain > 1) for gain in gains} == {True, False}
-    assert set(mask.unique().tolist()) == {0.0, 1.0}
 
 
-def test_no_scars_leave_the_corruption_unchanged() -> None:
-    """``scar_probability=0`` draws no random numbers: every default run is the run of earlier versions."""
-    images = torch.rand(4, 3, 64, 64)
-    results = []
-    for scars in ({}, {"scar_probability": 0.0}):
-        torch.manual_seed(0)
-        results.append(Corruption(**scars)(images))
-    assert all(torch.equal(first, second) for first, second in zip(*results, strict=True))
+def test_scars_are_at_least_a_pixel_wide_on_small_inputs() -> None:
+    torch.manual_seed(0)
+    corruption = Corruption(perlin_probability=0.0, mask_probability=0.0, scar_probability=1.0)
+    _, mask = corruption(torch.rand(64, 1, 32, 32))
+    assert bool((mask.flatten(1).amax(1) > 0).all())  # every drawn scar is drawn
+
+
+def test_no_scars_draw_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scar_probability=0`` (the default) never calls the scars: default runs are those of earlier versions."""
+    with monkeypatch.context() as patch:
+        patch.setattr(Corruption, "scars", lambda *_: pytest.fail("scars ran"))
+        Corruption(perlin_probability=1.0, mask_probability=1.0)(torch.rand(4, 3, 64, 64))
     torch.manual_seed(0)
     _, mask = Corruption(perlin_probability=0.0, mask_probability=0.0, scar_probability=0.5)(torch.rand(64, 3, 64, 64))
     assert 16 < int((mask.flatten(1).amax(1) > 0).sum()) < 48  # about half the images

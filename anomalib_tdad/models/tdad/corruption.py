@@ -35,9 +35,9 @@ class Corruption(nn.Module):
         shade_gain: Range of the brightness gain factor (and of its inverse, for darkening).
         scar_probability: Probability that an image gets a thin scar: a rotated strip of ``scar_width`` by
             ``scar_length`` pixels (at 256 px; scaled with the image's shorter side) filled with the image's own
-            pixels from elsewhere, darkened or brightened by a gain drawn from ``shade_gain`` (CutPaste-Scar's
-            idea, thinner and with a visible contrast): crack- and scratch-like defects, which the Perlin regions
-            and 16-px patches are too wide to imitate.
+            pixels from elsewhere (see :meth:`scars`), darkened or brightened by a gain from ``shade_gain``
+            (CutPaste-Scar's idea, thinner and with a visible contrast): crack- and scratch-like defects, which
+            the Perlin regions and 16-px patches are too wide to imitate.
         scar_width: Range of a scar's width, in pixels of a 256-px image.
         scar_length: Range of a scar's length, in pixels of a 256-px image.
     """
@@ -98,21 +98,25 @@ class Corruption(nn.Module):
         self.scar_width = scar_width
         self.scar_length = scar_length
 
-    def gains(self, batch: int, device: torch.device) -> torch.Tensor:
-        """``(B, 1, 1, 1)`` brightness gains from ``shade_gain``, darkening or brightening at random."""
+    def log_gains(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``(B, 1, 1, 1)`` logarithms of brightness gains from ``shade_gain``, darkening or brightening at random."""
         low, high = self.shade_log_gain
         log_gain = low + (high - low) * torch.rand(batch, 1, 1, 1, device=device)
-        return torch.exp(torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, -log_gain, log_gain))
+        return torch.where(torch.rand(batch, 1, 1, 1, device=device) < 0.5, -log_gain, log_gain)
 
     def shade(self, pixels: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Turn a ``shade_ratio`` share of the Perlin anomalies into brightness changes of the image itself."""
         shape, device = (pixels.shape[0], 1, 1, 1), pixels.device
         chosen = (torch.rand(shape, device=device) < self.shade_ratio) & (mask.amax((1, 2, 3), keepdim=True) > 0)
-        shaded = pixels * self.gains(pixels.shape[0], device) ** mask
+        shaded = pixels * torch.exp(self.log_gains(pixels.shape[0], device) * mask)
         return torch.where(chosen, shaded, corrupted)
 
     def scars(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw a thin scar on a ``scar_probability`` share of ``images`` (pixel space); return them and the mask."""
+        """Draw a thin scar on a ``scar_probability`` share of ``images`` (pixel space); return them and the mask.
+
+        The fill is ``images`` rolled by one random shift per batch (so it may carry a piece of a Perlin anomaly),
+        times a gain. A scar is at least 1 px wide, also on inputs far below 256 px.
+        """
         batch, _, height, width = images.shape
         device, scale = images.device, min(height, width) / 256
 
@@ -127,11 +131,11 @@ class Corruption(nn.Module):
         across = rows * angle.cos() - columns * angle.sin()
         chosen = torch.rand(batch, 1, 1, 1, device=device) < self.scar_probability
         mask = (along.abs() <= uniform(*self.scar_length) * scale / 2) & (
-            across.abs() <= uniform(*self.scar_width) * scale / 2
+            across.abs() <= (uniform(*self.scar_width) * scale).clamp_min(1.0) / 2
         )
         mask = (mask & chosen).to(images.dtype)
         shift = (int(torch.randint(height, ())), int(torch.randint(width, ())))
-        fill = images.roll(shift, dims=(-2, -1)) * self.gains(batch, device)
+        fill = images.roll(shift, dims=(-2, -1)) * self.log_gains(batch, device).exp()
         return images * (1 - mask) + fill.clamp(0, 1) * mask, mask
 
     def mask_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,10 +69,14 @@ def check_shapes(saved: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tens
         raise IncompatibleCheckpointError(msg)
 
 
-def legacy_architecture(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``layers`` and ``embedding_dim`` a checkpoint of anomalib-tdad 0.1 to 0.4 left to the defaults of its
-    version, which it saved as ``None``: the levels at strides 8 and 16, and ``max(256, 2 * C_last)`` channels.
-    Empty for a checkpoint of a later version, which saves both as they were built."""
+def legacy_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings an older checkpoint was trained with where today's defaults differ and it did not save them.
+
+    - ``layers`` and ``embedding_dim``: anomalib-tdad 0.1 to 0.4 saved its defaults as ``None``: the levels at
+      strides 8 and 16, and ``max(256, 2 * C_last)`` channels. Later versions save both as they were built.
+    - ``scar_probability``: 0 before 0.7, which added the scars, so that a model ``Tdad.load_from_checkpoint``
+      builds from such a checkpoint trains on as it was trained.
+    """
     from anomalib_tdad.models.tdad.teacher import LEGACY_STRIDES, level_channels, select_layers
 
     backbone = hparams.get("backbone")
@@ -84,6 +88,8 @@ def legacy_architecture(hparams: Mapping[str, Any]) -> dict[str, Any]:
         layers = legacy["layers"] = select_layers(backbone, None, LEGACY_STRIDES)[0]
     if hparams.get("embedding_dim") is None:
         legacy["embedding_dim"] = max(256, 2 * level_channels(backbone, layers)[-1])
+    if "scar_probability" not in hparams:
+        legacy["scar_probability"] = 0.0
     return legacy
 
 
@@ -103,13 +109,13 @@ def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> None:
             state_dict[f"{match['prefix']}levels.{match['level']}.{match['name']}"] = state_dict.pop(key)
 
 
-def legacy_architecture_of(checkpoint_path: str | os.PathLike | IO) -> dict[str, Any]:
-    """:func:`legacy_architecture` of a checkpoint file (memory-mapped: its weights are not read); empty for a
+def legacy_settings_of(checkpoint_path: str | os.PathLike | IO) -> dict[str, Any]:
+    """:func:`legacy_settings` of a checkpoint file (memory-mapped: its weights are not read); empty for a
     stream or a URL, which cannot be read twice."""
     if not isinstance(checkpoint_path, str | os.PathLike) or not Path(checkpoint_path).is_file():
         return {}
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-    return legacy_architecture(checkpoint.get("hyper_parameters", {}))
+    return legacy_settings(checkpoint.get("hyper_parameters", {}))
 
 
 def check_checkpoint(
@@ -117,10 +123,10 @@ def check_checkpoint(
 ) -> None:
     """Both checks on a Lightning checkpoint loaded into a model with ``hparams`` (its ``layers`` and
     ``embedding_dim`` as it built them) and ``state_dict``; an older checkpoint's defaults are read as the ones of its
-    version (:func:`legacy_architecture`)."""
+    version (:func:`legacy_settings`)."""
     own = dict(hparams)
     saved = checkpoint.get("hyper_parameters", {})
-    check_hyper_parameters({**saved, **legacy_architecture(saved)}, own)
+    check_hyper_parameters({**saved, **legacy_settings(saved)}, own)
     check_shapes(
         checkpoint.get("state_dict", {}), state_dict, f"backbone {own.get('backbone')!r}, layers {own.get('layers')!r}"
     )

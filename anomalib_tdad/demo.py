@@ -1,8 +1,8 @@
 """A small MVTec-layout dataset made from real photographs that scikit-image ships, and the demo job.
 
 ``make_demo_dataset`` crops a real texture photograph (brick, gravel or grass, from
-``skimage.data``) into defect-free training and test images, and plants defects of kinds TDAD's
-training never synthesizes -- scratches, holes and smudges (local blur) -- with pixel masks, in
+``skimage.data``) into defect-free training and test images, and plants defects unlike TDAD's
+synthetic ones -- long flat-coloured scratches, holes and smudges (local blur) -- with pixel masks, in
 anomalib's MVTec AD layout. ``run_demo`` trains TDAD on it with anomalib's Engine, tests it and
 writes metrics and heatmaps. No download, no GPU.
 """

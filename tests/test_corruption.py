@@ -35,9 +35,11 @@ def grey_images() -> torch.Tensor:
 
 
 def corrupt(images: torch.Tensor, anomaly_source_path: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Perlin anomaly in every image (no masked patches); pixel space, no normalization. Seeded."""
+    """A Perlin anomaly in every image (no scars, no masked patches); pixel space, no normalization. Seeded."""
     torch.manual_seed(0)
-    corruption = Corruption(anomaly_source_path=anomaly_source_path, perlin_probability=1.0, mask_probability=0.0)
+    corruption = Corruption(
+        anomaly_source_path=anomaly_source_path, perlin_probability=1.0, mask_probability=0.0, scar_probability=0.0
+    )
     corrupted, mask = corruption(images)
     return corrupted, mask[:, 0].bool()
 

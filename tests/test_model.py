@@ -254,7 +254,9 @@ def test_corruption_changes_pixels_only_inside_its_mask() -> None:
 
 def test_shading_anomalies_scale_the_images_own_pixels_inside_the_mask() -> None:
     torch.manual_seed(0)
-    corruption = Corruption(perlin_probability=1.0, mask_probability=0.0, shade_ratio=1.0, shade_gain=(1.3, 1.5))
+    corruption = Corruption(
+        perlin_probability=1.0, mask_probability=0.0, scar_probability=0.0, shade_ratio=1.0, shade_gain=(1.3, 1.5)
+    )
     pixels = torch.rand(6, 3, 64, 64) * 0.4 + 0.3  # no clipping at 0 or 1 for gains up to 1.5
     corrupted, mask = corruption(pixels)
     assert torch.all(mask.flatten(1).sum(1) > 0)
@@ -313,10 +315,10 @@ def test_scars_are_at_least_a_pixel_wide_on_small_inputs() -> None:
 
 
 def test_no_scars_draw_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``scar_probability=0`` (the default) never calls the scars: default runs are those of earlier versions."""
+    """``scar_probability=0`` never calls the scars: such runs are those of versions before the scars."""
     with monkeypatch.context() as patch:
         patch.setattr(Corruption, "scars", lambda *_: pytest.fail("scars ran"))
-        Corruption(perlin_probability=1.0, mask_probability=1.0)(torch.rand(4, 3, 64, 64))
+        Corruption(perlin_probability=1.0, mask_probability=1.0, scar_probability=0.0)(torch.rand(4, 3, 64, 64))
     torch.manual_seed(0)
     _, mask = Corruption(perlin_probability=0.0, mask_probability=0.0, scar_probability=0.5)(torch.rand(64, 3, 64, 64))
     assert 16 < int((mask.flatten(1).amax(1) > 0).sum()) < 48  # about half the images
@@ -340,7 +342,7 @@ def test_bad_corruption_arguments_get_clear_errors(kwargs: dict, message: str) -
 def test_a_non_finite_synthetic_anomaly_leaves_its_image_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     """anomalib's texture augmenters can return NaN pixels (torchvision's hue jitter below 0): never pass them on."""
     torch.manual_seed(0)
-    model = untrained_tdad(perlin_probability=1.0, mask_probability=0.0)
+    model = untrained_tdad(perlin_probability=1.0, mask_probability=0.0, scar_probability=0.0)
     perlin = model.corruption.perlin.forward
 
     def nan_in_second_image(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -673,10 +675,13 @@ def test_a_checkpoint_of_version_0_4_builds_the_network_it_was_trained_with(
     trainer.save_checkpoint(tmp_path / "new.ckpt")
     checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=False)
     checkpoint["hyper_parameters"].update(layers=layers, embedding_dim=None)  # as 0.4 wrote them
+    assert checkpoint["hyper_parameters"].pop("scar_probability") == 0.5  # 0.4 to 0.6 had no scars
     torch.save(checkpoint, tmp_path / "old.ckpt")
 
     restored = Tdad.load_from_checkpoint(tmp_path / "old.ckpt").eval()
     assert (restored.model.layers, restored.model.student.embedding_dim) == (old_layers, legacy["embedding_dim"])
+    assert restored.corruption.scar_probability == 0.0  # it trains on as it was trained
+    assert Tdad.load_from_checkpoint(tmp_path / "new.ckpt").corruption.scar_probability == 0.5
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(restored.model(images).anomaly_map, model.eval().model(images).anomaly_map)
@@ -815,7 +820,7 @@ def test_training_with_the_feature_cache_follows_training_without_it() -> None:
 
 
 def test_an_image_that_drew_no_anomaly_stays_the_same_tensor() -> None:
-    corruption = Corruption(perlin_probability=0.0, mask_probability=0.0)
+    corruption = Corruption(perlin_probability=0.0, mask_probability=0.0, scar_probability=0.0)
     images = torch.randn(3, 3, 32, 32)
     corrupted, mask = corruption(images)
     assert mask.amax() == 0

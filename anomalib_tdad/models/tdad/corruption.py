@@ -53,7 +53,7 @@ class Corruption(nn.Module):
         mask_patch_size: int = 16,
         shade_ratio: float = 0.0,
         shade_gain: tuple[float, float] = (1.2, 2.0),
-        scar_probability: float = 0.0,
+        scar_probability: float = 0.5,
         scar_width: tuple[float, float] = (2.0, 8.0),
         scar_length: tuple[float, float] = (16.0, 64.0),
     ) -> None:

@@ -40,7 +40,7 @@ from anomalib_tdad.checkpoint import (
     check_checkpoint,
     check_finite_terms,
     check_finite_weights,
-    legacy_architecture_of,
+    legacy_settings_of,
     upgrade_state_dict,
 )
 
@@ -123,7 +123,7 @@ class Tdad(AnomalibModule):
         mask_ratio: float = 0.1,
         mask_patch_size: int = 16,
         shade_ratio: float = 0.0,
-        scar_probability: float = 0.0,
+        scar_probability: float = 0.5,
         embedding_dim: int | None = None,
         sigma: float = 4.0,
         score_topk: float = 0.0,
@@ -217,11 +217,10 @@ class Tdad(AnomalibModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "Tdad":  # noqa: ANN401
-        """Lightning's, also for a checkpoint of version 0.4 or older, which saved its default ``layers`` and
-        ``embedding_dim`` as ``None`` (now other defaults): the network it was trained with is built."""
-        return super().load_from_checkpoint(
-            checkpoint_path, *args, **{**legacy_architecture_of(checkpoint_path), **kwargs}
-        )
+        """Lightning's, also for a checkpoint of an older version: the network it was trained with is built (0.4 and
+        older saved the default ``layers`` and ``embedding_dim`` as ``None``), and before 0.7 it trained without
+        scars (:func:`~anomalib_tdad.checkpoint.legacy_settings`)."""
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**legacy_settings_of(checkpoint_path), **kwargs})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read checkpoints of earlier versions; refuse one of another architecture, by name."""

@@ -1,7 +1,7 @@
 """Training-time corruption for the masked paradigm: Perlin anomalies, thin scars and masked patches.
 
 Images arrive normalized by the pre-processor. They are brought back to pixel space, corrupted
-there (anomalib's :class:`PerlinAnomalyGenerator` for the synthetic anomalies, optional thin scars in the
+there (anomalib's :class:`PerlinAnomalyGenerator` for the synthetic anomalies, thin scars in the
 manner of CutPaste-Scar, random patches replaced by noise for the masking) and normalized again. Nothing here
 runs at inference.
 """

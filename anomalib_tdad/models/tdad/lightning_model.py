@@ -14,6 +14,7 @@ Example:
 """
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRScheduler
 from torch import optim
 from torchvision.transforms.v2 import Normalize
 
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 # What Lightning trains when neither max_epochs nor max_steps is given (e.g. `anomalib benchmark`).
 LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class Tdad(AnomalibModule):
@@ -96,6 +98,8 @@ class Tdad(AnomalibModule):
             float32). ``None``: on a CPU that computes in bf16 natively (AVX512-BF16 or AMX), where its forward and
             backward passes run about twice as fast; ``False`` elsewhere (a GPU: see Lightning's ``precision``).
         learning_rate: Adam learning rate.
+        lr_schedule: ``"constant"``, or ``"cosine"``: the learning rate decays to 0 over the training's steps
+            (half a cosine, stepped every batch; constant when the training has no end).
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
         check_val_every_n_epoch: Validate (refit the map statistics, score the validation set) every this many
@@ -132,6 +136,7 @@ class Tdad(AnomalibModule):
         teacher_cache_mb: int = 1024,
         bf16_student: bool | None = None,
         learning_rate: float = 0.005,
+        lr_schedule: str = "constant",
         default_epochs: int = 40,
         check_val_every_n_epoch: int = 5,
         check_data: bool = True,
@@ -171,6 +176,10 @@ class Tdad(AnomalibModule):
             scar_probability=scar_probability,
         )
         self.learning_rate = learning_rate
+        if lr_schedule not in LR_SCHEDULES:
+            msg = f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}."
+            raise ValueError(msg)
+        self.lr_schedule = lr_schedule
         self.default_epochs = default_epochs
         if check_val_every_n_epoch < 1:
             msg = f"check_val_every_n_epoch must be a positive number of epochs, got {check_val_every_n_epoch}."
@@ -178,9 +187,14 @@ class Tdad(AnomalibModule):
         self.check_val_every_n_epoch = check_val_every_n_epoch
         self.check_data = check_data
 
-    def configure_optimizers(self) -> optim.Optimizer:
-        """Adam on the student only; the teacher is frozen."""
-        return optim.Adam(self.model.student.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        """Adam on the student only (the teacher is frozen), with the ``lr_schedule`` stepped every batch."""
+        optimizer = optim.Adam(self.model.student.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
+        steps = self.trainer.estimated_stepping_batches
+        if self.lr_schedule == "constant" or not math.isfinite(steps):
+            return optimizer
+        scheduler = optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
         """anomalib's components, the data checks (unless switched off), per-epoch seeding, the map statistics'
@@ -190,9 +204,19 @@ class Tdad(AnomalibModule):
         checks = [DataCheck()] if self.check_data else []
         return [*callbacks, *checks, SeededEpochs(), MapStatistics(), ValidationCadence()]
 
+    def setup(self, stage: str) -> None:
+        """Train ``default_epochs`` when no training length was set (before the optimizer's schedule is made)."""
+        super().setup(stage)
+        if stage != "fit" or self.trainer.fit_loop.max_epochs != LIGHTNING_DEFAULT_MAX_EPOCHS:
+            return
+        if self.trainer.max_steps == -1:
+            logger.warning(
+                "No max_epochs given: TDAD trains %d epochs (set --trainer.max_epochs to change).", self.default_epochs
+            )
+            self.trainer.fit_loop.max_epochs = self.default_epochs
+
     def on_fit_start(self) -> None:
-        """Load teacher weights left to download; log the student's training precision; train ``default_epochs``
-        when no training length was set.
+        """Load teacher weights left to download; log the student's training precision.
 
         The teacher-feature cache starts empty: a fit that failed never reached ``on_fit_end``, and its entries
         must not enter this fit's statistics.
@@ -201,11 +225,6 @@ class Tdad(AnomalibModule):
         self.model.teacher_cache.clear()
         precision = "bfloat16" if self.model.student_in_bf16(self.device) else "float32 (or the trainer's precision)"
         logger.info("TDAD trains its student in %s (bf16_student=%s).", precision, self.model.bf16_student)
-        if self.trainer.fit_loop.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and self.trainer.max_steps == -1:
-            logger.warning(
-                "No max_epochs given: TDAD trains %d epochs (set --trainer.max_epochs to change).", self.default_epochs
-            )
-            self.trainer.fit_loop.max_epochs = self.default_epochs
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the map statistics of the weights saved (:class:`MapStatistics`); refuse to save non-finite weights."""

@@ -1,6 +1,7 @@
 """The torch model: any timm CNN teacher gets a student; maps have the input size; training learns."""
 
 import copy
+import math
 import re
 import shutil
 from collections.abc import Iterator
@@ -377,6 +378,36 @@ def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -
     assert epochs_trained() == 2
     assert epochs_trained(max_epochs=3) == 3
     assert epochs_trained(max_steps=1) == 1
+
+
+@pytest.mark.filterwarnings("ignore:`max_epochs` was not set")  # the default_epochs case: Lightning warns
+@pytest.mark.parametrize(
+    ("schedule", "trainer_kwargs"), [("cosine", {}), ("cosine", {"max_epochs": 3}), ("constant", {"max_epochs": 2})]
+)
+def test_the_learning_rate_follows_lr_schedule_over_the_whole_training(
+    tiny_root, schedule: str, trainer_kwargs: dict[str, int]
+) -> None:
+    """The cosine spans every step trained, also when ``default_epochs`` sets the length (no ``max_epochs``)."""
+    rates: list[float] = []
+
+    class RecordRate(Callback):
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = untrained_tdad(
+        lr_schedule=schedule, default_epochs=2, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64))
+    )
+    trainer = quiet_trainer(model, RecordRate(), limit_train_batches=2, limit_val_batches=1, **trainer_kwargs)
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=4))
+    steps = 2 * trainer_kwargs.get("max_epochs", 2)
+    rate = model.learning_rate
+    expected = [rate * (1 + math.cos(math.pi * step / steps)) / 2 for step in range(steps)]
+    assert rates == pytest.approx(expected if schedule == "cosine" else [rate] * steps)
+
+
+def test_an_unknown_lr_schedule_gets_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        untrained_tdad(lr_schedule="linear")
 
 
 def test_validation_runs_every_n_epochs_and_after_the_last_one(tiny_root, tmp_path) -> None:

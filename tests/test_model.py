@@ -405,6 +405,31 @@ def test_the_learning_rate_follows_lr_schedule_over_the_whole_training(
     assert rates == pytest.approx(expected if schedule == "cosine" else [rate] * steps)
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed run saves nothing
+def test_a_cosine_run_resumed_with_more_epochs_goes_on_along_the_cosine_of_its_new_length(tiny_root, tmp_path) -> None:
+    """It neither restarts the schedule nor lets the rate rise again past the first run's end."""
+    rates: list[float] = []
+
+    class RecordRate(Callback):
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def fit(epochs: int, checkpoint: Path | None = None) -> Tdad:
+        model = untrained_tdad(lr_schedule="cosine", pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+        saver = [ModelCheckpoint(dirpath=tmp_path, save_last=True)] if checkpoint is None else []
+        trainer = quiet_trainer(
+            model, RecordRate(), *saver, max_epochs=epochs, limit_train_batches=2, limit_val_batches=1
+        )
+        trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=4), ckpt_path=checkpoint)
+        return model
+
+    rate = fit(1).learning_rate
+    rates.clear()
+    fit(2, tmp_path / "last.ckpt")
+    # Step 3 of 4 runs at the rate the checkpoint saved (the 1-epoch cosine's end), step 4 on the 4-step cosine.
+    assert rates == pytest.approx([0.0, rate * (1 + math.cos(3 * math.pi / 4)) / 2])
+
+
 def test_an_unknown_lr_schedule_gets_a_clear_error() -> None:
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         untrained_tdad(lr_schedule="linear")

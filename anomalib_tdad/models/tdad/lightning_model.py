@@ -99,7 +99,8 @@ class Tdad(AnomalibModule):
             backward passes run about twice as fast; ``False`` elsewhere (a GPU: see Lightning's ``precision``).
         learning_rate: Adam learning rate.
         lr_schedule: ``"constant"``, or ``"cosine"``: the learning rate decays to 0 over the training's steps
-            (half a cosine, stepped every batch; constant when the training has no end).
+            (half a cosine, stepped every batch; constant when the training has no end). A cosine run resumed with
+            more epochs goes on along the cosine of its new length.
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
         check_val_every_n_epoch: Validate (refit the map statistics, score the validation set) every this many
@@ -193,7 +194,12 @@ class Tdad(AnomalibModule):
         steps = self.trainer.estimated_stepping_batches
         if self.lr_schedule == "constant" or not math.isfinite(steps):
             return optimizer
-        scheduler = optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)))
+        # A closed form of the step (not torch's recursive CosineAnnealingLR): a run resumed with more epochs goes on
+        # along the cosine of its new length, and past its end the rate stays 0 instead of rising again.
+        steps = max(1, int(steps))
+        scheduler = optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (1 + math.cos(math.pi * min(step, steps) / steps)) / 2
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:

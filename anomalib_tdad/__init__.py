@@ -5,7 +5,7 @@ hook): the model, which pulls in anomalib, torch and timm, is imported on first 
 ``anomalib_tdad.Tdad``.
 """
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 __all__ = ["Tdad", "TdadModel", "__version__"]
 
 

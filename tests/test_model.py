@@ -380,54 +380,67 @@ def test_training_length_defaults_to_default_epochs_only_when_unset(tiny_root) -
     assert epochs_trained(max_steps=1) == 1
 
 
+class RecordRate(Callback):
+    """Records the learning rate each training step runs at."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def cosine(rate: float, step: int, steps: int) -> float:
+    return rate * (1 + math.cos(math.pi * min(step, steps) / steps)) / 2
+
+
 @pytest.mark.filterwarnings("ignore:`max_epochs` was not set")  # the default_epochs case: Lightning warns
 @pytest.mark.parametrize(
-    ("schedule", "trainer_kwargs"), [("cosine", {}), ("cosine", {"max_epochs": 3}), ("constant", {"max_epochs": 2})]
+    ("schedule", "trainer_kwargs"),
+    [
+        ("cosine", {}),
+        ("cosine", {"max_epochs": 3}),
+        ("cosine", {"max_epochs": 2, "accumulate_grad_batches": 2}),
+        ("constant", {"max_epochs": 2}),
+    ],
 )
 def test_the_learning_rate_follows_lr_schedule_over_the_whole_training(
     tiny_root, schedule: str, trainer_kwargs: dict[str, int]
 ) -> None:
-    """The cosine spans every step trained, also when ``default_epochs`` sets the length (no ``max_epochs``)."""
-    rates: list[float] = []
-
-    class RecordRate(Callback):
-        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
-
+    """The cosine spans every optimizer step, also when ``default_epochs`` sets the length (no ``max_epochs``)."""
     model = untrained_tdad(
         lr_schedule=schedule, default_epochs=2, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64))
     )
-    trainer = quiet_trainer(model, RecordRate(), limit_train_batches=2, limit_val_batches=1, **trainer_kwargs)
+    recorder = RecordRate()
+    trainer = quiet_trainer(model, recorder, limit_train_batches=2, limit_val_batches=1, **trainer_kwargs)
     trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=4))
-    steps = 2 * trainer_kwargs.get("max_epochs", 2)
+    batches = 2 * trainer_kwargs.get("max_epochs", 2)
+    steps = batches // trainer_kwargs.get("accumulate_grad_batches", 1)
     rate = model.learning_rate
-    expected = [rate * (1 + math.cos(math.pi * step / steps)) / 2 for step in range(steps)]
-    assert rates == pytest.approx(expected if schedule == "cosine" else [rate] * steps)
+    expected = [cosine(rate, batch * steps // batches, steps) for batch in range(batches)]
+    assert recorder.rates == pytest.approx(expected if schedule == "cosine" else [rate] * batches)
 
 
-@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed run saves nothing
-def test_a_cosine_run_resumed_with_more_epochs_goes_on_along_the_cosine_of_its_new_length(tiny_root, tmp_path) -> None:
-    """It neither restarts the schedule nor lets the rate rise again past the first run's end."""
-    rates: list[float] = []
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed runs save nothing
+def test_a_resumed_run_trains_at_its_own_schedules_rate_from_its_first_step(tiny_root, tmp_path) -> None:
+    """More epochs: the cosine of the new length from the first resumed step; fewer: 0 past the cosine's end; a
+    finished cosine run resumed at a constant rate: that rate, not the 0 the checkpoint saved."""
 
-    class RecordRate(Callback):
-        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    def fit(epochs: int, checkpoint: Path | None = None) -> Tdad:
-        model = untrained_tdad(lr_schedule="cosine", pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+    def fit(epochs: int, schedule: str = "cosine", checkpoint: Path | None = None, batches: int = 2) -> list[float]:
+        model = untrained_tdad(lr_schedule=schedule, pre_processor=Tdad.configure_pre_processor(image_size=(64, 64)))
+        recorder = RecordRate()
         saver = [ModelCheckpoint(dirpath=tmp_path, save_last=True)] if checkpoint is None else []
         trainer = quiet_trainer(
-            model, RecordRate(), *saver, max_epochs=epochs, limit_train_batches=2, limit_val_batches=1
+            model, recorder, *saver, max_epochs=epochs, limit_train_batches=batches, limit_val_batches=1
         )
         trainer.fit(model, datamodule=tiny_datamodule(tiny_root, batch_size=4), ckpt_path=checkpoint)
-        return model
+        return recorder.rates
 
-    rate = fit(1).learning_rate
-    rates.clear()
-    fit(2, tmp_path / "last.ckpt")
-    # Step 3 of 4 runs at the rate the checkpoint saved (the 1-epoch cosine's end), step 4 on the 4-step cosine.
-    assert rates == pytest.approx([0.0, rate * (1 + math.cos(3 * math.pi / 4)) / 2])
+    rate = fit(1)[0]
+    last = tmp_path / "last.ckpt"
+    assert fit(2, checkpoint=last) == pytest.approx([cosine(rate, 2, 4), cosine(rate, 3, 4)])
+    assert fit(2, checkpoint=last, batches=1) == pytest.approx([0.0])  # steps 2 of 2: past the end
+    assert fit(2, "constant", checkpoint=last) == pytest.approx([rate, rate])
 
 
 def test_an_unknown_lr_schedule_gets_a_clear_error() -> None:

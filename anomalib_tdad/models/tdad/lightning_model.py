@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from anomalib import LearningType
@@ -99,8 +99,8 @@ class Tdad(AnomalibModule):
             backward passes run about twice as fast; ``False`` elsewhere (a GPU: see Lightning's ``precision``).
         learning_rate: Adam learning rate.
         lr_schedule: ``"constant"``, or ``"cosine"``: the learning rate decays to 0 over the training's steps
-            (half a cosine, stepped every batch; constant when the training has no end). A cosine run resumed with
-            more epochs goes on along the cosine of its new length.
+            (half a cosine, stepped every optimizer step; constant when the training has no known end). A cosine run
+            resumed with more epochs goes on along the cosine of its new length.
         default_epochs: Epochs trained when the trainer sets no limit (neither ``max_epochs`` nor
             ``max_steps``; Lightning would train 1000 epochs). An explicit ``max_epochs`` always wins.
         check_val_every_n_epoch: Validate (refit the map statistics, score the validation set) every this many
@@ -137,7 +137,7 @@ class Tdad(AnomalibModule):
         teacher_cache_mb: int = 1024,
         bf16_student: bool | None = None,
         learning_rate: float = 0.005,
-        lr_schedule: str = "constant",
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         default_epochs: int = 40,
         check_val_every_n_epoch: int = 5,
         check_data: bool = True,
@@ -189,18 +189,38 @@ class Tdad(AnomalibModule):
         self.check_data = check_data
 
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        """Adam on the student only (the teacher is frozen), with the ``lr_schedule`` stepped every batch."""
+        """Adam on the student only (the teacher is frozen), with the ``lr_schedule`` stepped every optimizer step."""
         optimizer = optim.Adam(self.model.student.parameters(), lr=self.learning_rate, betas=(0.5, 0.999))
+        if self.lr_schedule == "constant":
+            return optimizer
         steps = self.trainer.estimated_stepping_batches
-        if self.lr_schedule == "constant" or not math.isfinite(steps):
+        if not math.isfinite(steps) or steps < 1:
+            logger.warning(
+                "lr_schedule='cosine' needs a training of known length (max_epochs or max_steps): constant rate."
+            )
             return optimizer
         # A closed form of the step (not torch's recursive CosineAnnealingLR): a run resumed with more epochs goes on
         # along the cosine of its new length, and past its end the rate stays 0 instead of rising again.
-        steps = max(1, int(steps))
+        steps = int(steps)
         scheduler = optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: (1 + math.cos(math.pi * min(step, steps) / steps)) / 2
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Train at the schedule's rate of the current step also right after resuming: Lightning restores the rate the
+        checkpoint saved, which is that of the earlier run's schedule (0 at the end of a finished cosine run)."""
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.learning_rate
+        step = self.trainer.global_step
+        for config in self.trainer.lr_scheduler_configs:  # the cosine's LambdaLR
+            scheduler = config.scheduler
+            scheduler.last_epoch = step
+            for group, base, factor in zip(
+                scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * factor(step)
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
         """anomalib's components, the data checks (unless switched off), per-epoch seeding, the map statistics'
